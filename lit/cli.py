@@ -1,0 +1,130 @@
+"""The project's LightningCLI: ``python -m lit {fit,validate,test,predict}``.
+
+What it adds to Lightning's CLI:
+
+* models and datamodules in subclass mode (``model: class_path: models.ImageClassifier``);
+* ``--optimizer`` / ``--lr_scheduler`` shortcuts (any torch optimizer or scheduler, or ours such
+  as ``lit.optim.Adan``) that are handed to :class:`lit.module.LitModule` models as callables,
+  so each model still chooses which parameters its optimizer sees;
+* TensorBoard logging, a ``ModelCheckpoint`` (``--checkpoint.*``) and a
+  ``LearningRateMonitor`` (``--lr_monitor.*``) always present; more callbacks go under
+  ``trainer.callbacks``;
+* ``fit`` ends by testing the trained model (``--test_after_fit false`` to skip) and printing
+  where the logs and checkpoints are.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lit.module import LitModule
+
+
+class LoggerAwareLearningRateMonitor(LearningRateMonitor):
+    """``LearningRateMonitor`` that stays quiet instead of failing when logging is off."""
+
+    @override
+    def on_train_start(self, trainer: Trainer, *args, **kwargs) -> None:
+        if not trainer.loggers:
+            return
+        super().on_train_start(trainer, *args, **kwargs)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default"},
+    },
+}
+
+
+class LitCLI(LightningCLI):
+    """LightningCLI with this project's defaults (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", LightningModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        super().__init__(*args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(LoggerAwareLearningRateMonitor, "lr_monitor")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After `fit`, run `test` on the datamodule's test split with the trained weights.",
+        )
+
+    @override
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """Hand ``--optimizer``/``--lr_scheduler`` to LitModule models as callables.
+
+        Lightning's default instantiates the optimizer over ``model.parameters()`` here, before
+        the model has chosen its param groups (no-decay groups, a DLRM's dense part). For our
+        models the choice stays with the model; other LightningModules get Lightning's default.
+        """
+        if not isinstance(self.model, LitModule):
+            return super()._add_configure_optimizers_method_to_model(subcommand)
+        optimizer_init = self._get(self.config_init, "optimizer")
+        scheduler_init = self._get(self.config_init, "lr_scheduler")
+        if optimizer_init:
+            self.model.optimizer = partial(instantiate_class, init=dict(optimizer_init))
+        if scheduler_init:
+            self.model.lr_scheduler = partial(instantiate_class, init=dict(scheduler_init))
+
+    @override
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if self._get(self.config, "test_after_fit", default=True) and not trainer.interrupted:
+            if is_overridden_test(self.model, self.datamodule):
+                trainer.test(self.model, datamodule=self.datamodule)
+        self._report_outputs()
+
+    def _report_outputs(self) -> None:
+        trainer = self.trainer
+        if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+            rank_zero_info(f"[lit] TensorBoard logs: {trainer.logger.log_dir}  "
+                           f"(tensorboard --logdir {trainer.logger.save_dir})")
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None:
+            last = getattr(ckpt, "last_model_path", "") or ckpt.best_model_path
+            if last:
+                rank_zero_info(f"[lit] checkpoint: {last}")
+
+
+def is_overridden_test(model: LightningModule, datamodule: LightningDataModule | None) -> bool:
+    """True when the model has a test step and the datamodule a test loader."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("test_step", model):
+        return False
+    return datamodule is not None and is_overridden("test_dataloader", datamodule)
+
+
+def main(args: list[str] | None = None) -> LitCLI:
+    """Entry point of ``python -m lit``."""
+    return LitCLI(args=args)

@@ -1,0 +1,98 @@
+"""The base LightningModule: optimizer and LR-scheduler wiring shared by every model.
+
+Models receive their optimizer and scheduler as callables (``OptimizerCallable`` /
+``LRSchedulerCallable``), so YAML selects them with ``class_path`` / ``init_args`` and the CLI's
+top-level ``--optimizer`` / ``--lr_scheduler`` shortcuts (see :mod:`lit.cli`) can replace them.
+Subclasses own their steps, loss and metrics; they override :meth:`LitModule.optimizer_groups`
+to choose which parameters the optimizer sees (e.g. no weight decay on norms and biases, or
+only the dense part of a DLRM whose embeddings update inside the backward pass).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW(lr=1e-3, weight_decay=0.05): the default when no optimizer is configured."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+def decay_groups(module: nn.Module, weight_decay_on_1d: bool = False) -> list[dict]:
+    """Split trainable parameters into weight-decay and no-decay groups.
+
+    Biases, norm weights and other 1-D tensors (and timm's ``no_weight_decay()`` names such as
+    position embeddings and the class token) get ``weight_decay=0``; the rest keep the
+    optimizer's own value. This is the convention of DeiT, Swin and BERT training recipes.
+    """
+    skip: set[str] = set()
+    if hasattr(module, "no_weight_decay"):
+        skip = set(module.no_weight_decay())
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        if (param.ndim <= 1 and not weight_decay_on_1d) or name in skip or leaf in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class LitModule(LightningModule):
+    """Base class: builds the configured optimizer and scheduler.
+
+    Args:
+        optimizer: a callable taking parameters (or param groups) and returning an optimizer,
+            e.g. ``torch.optim.AdamW`` or ``lit.optim.Adan`` from YAML. Default AdamW(1e-3, wd 0.05).
+        lr_scheduler: optional callable taking the optimizer. Schedulers from
+            :mod:`lit.schedulers` step per optimizer step and learn the total number of steps
+            from the Trainer when it is not given; torch's schedulers step per
+            ``lr_scheduler_interval``.
+        lr_scheduler_interval: ``"step"`` or ``"epoch"`` for schedulers not from
+            :mod:`lit.schedulers` (which always step per optimizer step).
+        monitor: the metric that ``ReduceLROnPlateau`` watches.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "epoch",
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.monitor = monitor
+
+    def optimizer_groups(self) -> list[dict] | list[nn.Parameter]:
+        """Parameters (or param groups) handed to the optimizer; override to customise."""
+        return decay_groups(self)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.optimizer_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        from lit.schedulers import WarmupDecay
+
+        interval = self.lr_scheduler_interval
+        if isinstance(scheduler, WarmupDecay):
+            interval = "step"
+            if scheduler.total_steps is None:
+                scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        config = {"scheduler": scheduler, "interval": interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}

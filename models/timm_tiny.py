@@ -1,0 +1,41 @@
+"""Small timm Vision Transformers for 28x28 images, registered in timm's model registry.
+
+DeiT-style (class token, no distillation token) with 4x4 patches, so a 28x28 Fashion-MNIST
+image is 49 patch tokens. Importing this module registers the names; after that
+``timm.create_model("deit_fmnist_tiny_patch4_28")`` works like any timm model.
+"""
+
+from __future__ import annotations
+
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+
+def _vit(**kwargs) -> VisionTransformer:
+    kwargs.setdefault("img_size", 28)
+    kwargs.setdefault("patch_size", 4)
+    kwargs.setdefault("in_chans", 1)
+    kwargs.setdefault("num_classes", 10)
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained: the 28x28 models have no pretrained weights; set it to false")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
+        kwargs.pop(key, None)
+    return VisionTransformer(**kwargs)
+
+
+@register_model
+def deit_fmnist_tiny_patch4_28(**kwargs) -> VisionTransformer:
+    """embed 64, depth 4, 2 heads: the quickstart model (~0.2M parameters)."""
+    return _vit(embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, **kwargs)
+
+
+@register_model
+def deit_fmnist_small_patch4_28(**kwargs) -> VisionTransformer:
+    """embed 128, depth 6, 4 heads (~0.9M parameters)."""
+    return _vit(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, **kwargs)
+
+
+@register_model
+def deit_fmnist_base_patch4_28(**kwargs) -> VisionTransformer:
+    """embed 192, depth 8, 6 heads (~2.4M parameters)."""
+    return _vit(embed_dim=192, depth=8, num_heads=6, mlp_ratio=2.0, **kwargs)
