@@ -4,6 +4,11 @@ from importlib import import_module
 
 _LAZY = {
     "FashionMNIST": "datamodules.fashion_mnist",
+    "ImageFolder": "datamodules.image_folder",
+    "TextClassification": "datamodules.text_classification",
+    "CriteoTSV": "datamodules.criteo",
+    "SyntheticCTR": "datamodules.synthetic_ctr",
+    "MovieLens100K": "datamodules.movielens",
 }
 
 __all__ = sorted(_LAZY)

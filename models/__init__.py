@@ -5,6 +5,8 @@ from importlib import import_module
 
 _LAZY = {
     "ImageClassifier": "models.image_classifier",
+    "BertClassifier": "models.bert_classifier",
+    "DLRMModule": "models.dlrm",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,42 @@
+"""Shared test fixtures: tiny Trainer settings and in-process / subprocess CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Keep CPU tests predictable on small machines.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def cli_args(*args: str, tmp_path: Path | None = None) -> list[str]:
+    """Arguments for ``python -m lit`` that keep a test run small and inside ``tmp_path``."""
+    out = list(args)
+    if tmp_path is not None:
+        out += [f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    return out
+
+
+def run_lit(args: list[str], cwd: Path = ROOT, timeout: int = 240,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m lit ARGS`` in a real subprocess; fail the test with its output on error."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "lit", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed: sudo apt-get install dataset-fashion-mnist (make setup)",
+)
