@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit.module import LitModule
+import lit.optim.adan  # noqa: F401  (makes --optimizer Adan resolve)
 
 
 class LoggerAwareLearningRateMonitor(LearningRateMonitor):
