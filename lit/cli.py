@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
@@ -93,9 +94,9 @@ class LitCLI(LightningCLI):
         optimizer_init = self._get(self.config_init, "optimizer")
         scheduler_init = self._get(self.config_init, "lr_scheduler")
         if optimizer_init:
-            self.model.optimizer = partial(instantiate_class, init=dict(optimizer_init))
+            self.model.optimizer = partial(instantiate_class, init=_as_dict(optimizer_init))
         if scheduler_init:
-            self.model.lr_scheduler = partial(instantiate_class, init=dict(scheduler_init))
+            self.model.lr_scheduler = partial(instantiate_class, init=_as_dict(scheduler_init))
 
     @override
     def after_fit(self) -> None:
@@ -115,6 +116,10 @@ class LitCLI(LightningCLI):
             last = getattr(ckpt, "last_model_path", "") or ckpt.best_model_path
             if last:
                 rank_zero_info(f"[lit] checkpoint: {last}")
+
+
+def _as_dict(init: Namespace | dict) -> dict:
+    return init.as_dict() if isinstance(init, Namespace) else dict(init)
 
 
 def is_overridden_test(model: LightningModule, datamodule: LightningDataModule | None) -> bool:
