@@ -126,7 +126,7 @@ def main() -> None:
         from lit.optim import adan_triton
 
         default = (adan_triton.BLOCK, adan_triton.NUM_WARPS)
-        for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16)]:
+        for block, warps in [(1024, 4), (1024, 8), (2048, 8), (4096, 8)]:
             adan_triton.BLOCK, adan_triton.NUM_WARPS = block, warps
             ms = bench("sweep", lambda ps: Adan(ps, weight_decay=0.02, fused=True), total, d,
                        device, iters)

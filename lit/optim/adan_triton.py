@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
-NUM_WARPS = 8
+# Measured on one H200 (100M params): 1024/4 1.06 ms, 2048/8 1.10 ms, 4096/8 1.20 ms.
+BLOCK = 1024
+NUM_WARPS = 4
 # A pointer-table row: six base addresses (p, g, exp_avg m, exp_avg_sq n, exp_avg_diff v,
 # neg_pre_grad) and the size.
 ROW = 7
