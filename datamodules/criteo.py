@@ -1,0 +1,311 @@
+"""Criteo click logs: the TSV text format (plain or gzip) and torchrec's binary ``.npy`` layout.
+
+Text lines are ``label \\t int_0 .. int_12 \\t cat_0 .. cat_25``: a 0/1 label, 13 integer
+counts and 26 categorical ids as hex strings; any field but the label may be empty (missing ->
+0). Dense features become ``log(1 + max(x, 0))``; categorical ids are hashed into
+``num_embeddings`` rows by modulo (torchrec's ``criteo.py`` layout, without its per-file minimum
+shift of the dense values). Binary files are torchrec's preprocessed ``day_N_{dense,sparse,labels}.npy``
+(dense already log-transformed by torchrec's script: taken as stored; sparse ids hashed here).
+
+Every line is read by exactly one DataLoader worker of one DDP rank (:mod:`lit.recsys.sharding`):
+text readers scan the whole stream and parse only their own global batches, so a second worker
+pays for scanning (cheap) but not for parsing (the cost). Malformed lines either stop the run
+with ``file:line`` (``on_malformed: error``) or are skipped, counted and reported per reader
+(``on_malformed: count``); they are never dropped silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit.recsys.batching import CTRSchema, make_batch
+from lit.recsys.sharding import current_reader, num_global_batches
+from lit.recsys.stream import BatchStream
+
+NUM_INT, NUM_CAT = 13, 26
+NUM_FIELDS = 1 + NUM_INT + NUM_CAT
+SPARSE_NAMES = tuple(f"cat_{i}" for i in range(NUM_CAT))
+log = logging.getLogger(__name__)
+
+
+class MalformedLine(ValueError):
+    """A Criteo text line that does not parse; the message names ``file:line``."""
+
+
+def parse_line(text: str) -> tuple[int, list[int], list[int]]:
+    """Label, 13 ints and 26 hex ids of one line (missing -> 0); raises ValueError if malformed."""
+    parts = text.rstrip("\r\n").split("\t")
+    if len(parts) != NUM_FIELDS:
+        raise ValueError(f"expected {NUM_FIELDS} tab-separated fields, got {len(parts)}")
+    if parts[0] not in ("0", "1"):
+        raise ValueError(f"label must be 0 or 1, got {parts[0]!r}")
+    try:
+        ints = [int(x) if x else 0 for x in parts[1:1 + NUM_INT]]
+    except ValueError as err:
+        raise ValueError(f"integer feature: {err}") from None
+    try:
+        cats = [int(x, 16) if x else 0 for x in parts[1 + NUM_INT:]]
+    except ValueError as err:
+        raise ValueError(f"categorical feature (hex expected): {err}") from None
+    return int(parts[0]), ints, cats
+
+
+def dense_transform(ints: np.ndarray) -> np.ndarray:
+    """``log(1 + max(x, 0))`` as float32 (negative counts, which Criteo has, clamp to 0)."""
+    return np.log1p(np.maximum(ints, 0).astype(np.float64)).astype(np.float32)
+
+
+def open_text(path: str | Path):
+    """A text file, gunzipped when it starts with gzip's magic bytes."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
+    return open(path, encoding="utf-8", newline="\n")
+
+
+class _Lines:
+    """All lines of several files as one stream, with position, skipping and file:line."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+        self.pos = 0
+        self._it = self._generate()
+
+    def _generate(self) -> Iterator[tuple[str, int, str]]:
+        for path in self.files:
+            with open_text(path) as f:
+                for number, text in enumerate(f, start=1):
+                    yield path, number, text
+
+    def skip_to(self, target: int) -> bool:
+        """Advance to line ``target``; False if the stream ends first."""
+        if target > self.pos:
+            skipped = sum(1 for _ in islice(self._it, target - self.pos))
+            self.pos += skipped
+        return self.pos == target
+
+    def take(self, count: int) -> list[tuple[str, int, str]]:
+        lines = list(islice(self._it, count))
+        self.pos += len(lines)
+        return lines
+
+
+class CriteoTextStream(IterableDataset):
+    """Batches of Criteo TSV lines; see the module docstring for sharding and malformed lines.
+
+    Args:
+        files: text files, read in order as one stream.
+        batch_size: lines per global batch.
+        hash_sizes: per categorical feature, ids are taken modulo this.
+        max_samples: read only the first this many lines (the sample budget).
+        drop_last: training mode: only whole batches, and equal batch counts on every rank.
+        on_malformed: ``"error"`` or ``"count"``.
+    """
+
+    def __init__(self, files: list[str], batch_size: int, hash_sizes: tuple[int, ...],
+                 max_samples: int | None, drop_last: bool,
+                 on_malformed: Literal["error", "count"]) -> None:
+        super().__init__()
+        self.files, self.batch_size = files, batch_size
+        self.hash_sizes = np.asarray(hash_sizes, dtype=np.int64)
+        self.max_samples, self.drop_last, self.on_malformed = max_samples, drop_last, on_malformed
+        self.malformed = 0
+        self.first_malformed: str | None = None
+
+    def parse(self, lines: list[tuple[str, int, str]], start: int):
+        labels, ints, cats, keep = [], [], [], []
+        for offset, (path, number, text) in enumerate(lines):
+            try:
+                label, i, c = parse_line(text)
+            except ValueError as err:
+                where = f"{path}:{number}: {err}"
+                if self.on_malformed == "error":
+                    raise MalformedLine(f"{where}; fix or remove the line, or set "
+                                        f"on_malformed: count to skip and count such lines") from None
+                self.malformed += 1
+                self.first_malformed = self.first_malformed or where
+                continue
+            labels.append(label)
+            ints.append(i)
+            cats.append(c)
+            keep.append(start + offset)
+        if not labels:
+            return None
+        ids = np.asarray(cats, dtype=np.int64) % self.hash_sizes
+        dense = dense_transform(np.asarray(ints, dtype=np.int64))
+        return make_batch(dense, ids, np.asarray(labels), np.asarray(keep), SPARSE_NAMES)
+
+    def __iter__(self):
+        reader = current_reader()
+        self.malformed, self.first_malformed = 0, None
+        b, world = self.batch_size, reader.world_size
+        limit = None
+        if self.max_samples is not None:
+            limit = num_global_batches(self.max_samples, b, world, self.drop_last)
+        src = _Lines(self.files)
+        pending, pending_end = None, 0
+        k = reader.index
+        while limit is None or k < limit:
+            start = k * b
+            reached = src.skip_to(start)
+            if pending is not None:
+                # Yield the held batch only if its whole round of `world` batches exists, so
+                # every rank runs the same number of steps.
+                if src.pos >= pending_end:
+                    yield pending
+                pending = None
+            if not reached:
+                break
+            count = b if self.max_samples is None else min(b, self.max_samples - start)
+            lines = src.take(count)
+            if not lines or (self.drop_last and len(lines) < b):
+                break
+            batch = self.parse(lines, start)
+            if batch is None:
+                pass
+            elif self.drop_last and world > 1:
+                pending, pending_end = batch, (k // world + 1) * world * b
+            else:
+                yield batch
+            k += reader.count
+        if pending is not None and src.skip_to(pending_end):
+            yield pending
+        if self.malformed:
+            log.warning("Criteo reader %d/%d skipped %d malformed lines (first: %s)",
+                        reader.index, reader.count, self.malformed, self.first_malformed)
+
+
+class NpySource:
+    """torchrec's binary layout: ``<stem>_dense.npy`` (N, 13) float32, ``<stem>_sparse.npy``
+    (N, 26) int, ``<stem>_labels.npy`` (N, 1); memory-mapped, addressed by global row."""
+
+    def __init__(self, stems: list[str], hash_sizes: tuple[int, ...]) -> None:
+        self.stems = stems
+        self.hash_sizes = np.asarray(hash_sizes, dtype=np.int64)
+        self._arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self.rows = [int(np.load(f"{s}_labels.npy", mmap_mode="r").shape[0]) for s in stems]
+        self.starts = np.cumsum([0] + self.rows)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}  # workers re-open their own memory maps
+
+    def _open(self):
+        if self._arrays is None:
+            self._arrays = [tuple(np.load(f"{s}_{part}.npy", mmap_mode="r")
+                                  for part in ("dense", "sparse", "labels")) for s in self.stems]
+        return self._arrays
+
+    def __call__(self, indices: np.ndarray):
+        arrays = self._open()
+        file_of = np.searchsorted(self.starts, indices, side="right") - 1
+        dense, sparse, labels = [], [], []
+        for f in np.unique(file_of):
+            rows = indices[file_of == f] - self.starts[f]
+            d, s, l = arrays[f]
+            lo, hi = int(rows.min()), int(rows.max()) + 1  # contiguous: one slice per file
+            dense.append(np.asarray(d[lo:hi])[rows - lo])
+            sparse.append(np.asarray(s[lo:hi])[rows - lo])
+            labels.append(np.asarray(l[lo:hi]).reshape(-1)[rows - lo])
+        ids = np.concatenate(sparse).astype(np.int64) % self.hash_sizes
+        return make_batch(np.concatenate(dense).astype(np.float32), ids,
+                          np.concatenate(labels), indices, SPARSE_NAMES)
+
+
+def npy_stem(path: str) -> str | None:
+    """``/d/day_0`` for ``/d/day_0_dense.npy`` (or any of the three), else None."""
+    for part in ("_dense.npy", "_sparse.npy", "_labels.npy"):
+        if path.endswith(part):
+            return path[: -len(part)]
+    return None
+
+
+class CriteoTSV(LightningDataModule):
+    """Criteo click logs from text (``.tsv``, ``.txt``, gzip) or torchrec ``.npy`` files.
+
+    Args:
+        train_files, val_files, test_files: files of each split, read in order; a split is
+            all text or all ``*_dense.npy`` (naming torchrec's three files by the dense one).
+        batch_size: samples per batch (per device).
+        num_embeddings: hash size: categorical ids are taken modulo this (one int, or one per
+            feature); also the cardinality the model caps its tables (V) at.
+        train_samples: the sample budget (single epoch: the first N lines, each seen once);
+            ``None`` reads every training line.
+        val_samples, test_samples: read only this many evaluation lines (``None`` = all).
+        on_malformed: ``"error"`` stops at the first bad line with ``file:line``; ``"count"``
+            skips such lines and reports how many (and the first) per reader.
+        num_workers: DataLoader workers per device.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str],
+        val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
+        batch_size: int = 2048,
+        num_embeddings: int | list[int] = 40_000_000,
+        train_samples: int | None = None,
+        val_samples: int | None = None,
+        test_samples: int | None = None,
+        on_malformed: Literal["error", "count"] = "error",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if on_malformed not in ("error", "count"):
+            raise ValueError(f"on_malformed must be 'error' or 'count', got {on_malformed!r}")
+        sizes = [num_embeddings] * NUM_CAT if isinstance(num_embeddings, int) else list(num_embeddings)
+        if len(sizes) != NUM_CAT or any(s < 1 for s in sizes):
+            raise ValueError(f"num_embeddings must be an int >= 1 or {NUM_CAT} of them, got {num_embeddings!r}")
+        self.save_hyperparameters()
+        self.files = {"train": list(train_files), "val": list(val_files or []),
+                      "test": list(test_files or [])}
+        for split, files in self.files.items():
+            for path in files:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"{split}_files: {path!r} does not exist; give paths "
+                                            "to Criteo .tsv/.gz files or torchrec *_dense.npy files")
+        self.hash_sizes = tuple(sizes)
+        self.batch_size, self.num_workers, self.on_malformed = batch_size, num_workers, on_malformed
+        self.budgets = {"train": train_samples, "val": val_samples, "test": test_samples}
+        self.schema = CTRSchema(NUM_INT, SPARSE_NAMES, self.hash_sizes)
+
+    def dataset(self, split: str) -> IterableDataset:
+        files, budget, train = self.files[split], self.budgets[split], split == "train"
+        stems = [npy_stem(f) for f in files]
+        if all(stems):
+            source = NpySource(stems, self.hash_sizes)
+            total = len(source) if budget is None else min(budget, len(source))
+            return BatchStream(total, self.batch_size, source, drop_last=train)
+        if any(stems):
+            raise ValueError(f"{split}_files: mixes .npy and text files; use one format per split")
+        return CriteoTextStream(files, self.batch_size, self.hash_sizes, budget, train,
+                                self.on_malformed)
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=None, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.files["val"]:
+            return []
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.files["test"]:
+            return []
+        return self._loader("test")

@@ -1,0 +1,241 @@
+"""Sparse, fused embedding updates the way torchrec intends them.
+
+:func:`shard_with_fused_optimizer` marks the embedding tables for an optimizer applied inside the
+backward pass (``_apply_optimizer_in_backward``) and wraps the model in torchrec's
+``DistributedModelParallel`` (DMP), also at world size 1. DMP replaces the tables with fbgemm's
+table-batched embedding (TBE) modules, whose backward updates only the rows a batch touched
+(row-wise Adagrad by default) instead of materialising a dense gradient for every row; the dense
+layers are wrapped in DDP by DMP itself. :class:`FusedDenseOptimizer` is torchrec's
+``CombinedOptimizer`` of DMP's fused optimizer and a ``KeyedOptimizerWrapper`` around any torch
+optimizer for the dense part; its ``state_dict`` holds plain tensors (sharded ones gathered), so
+Lightning checkpoints load with ``torch.load(weights_only=True)`` and resume the fused state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+EmbeddingOptimizerName = Literal["row_wise_adagrad", "adagrad", "sgd", "adam"]
+ShardingTypeName = Literal["table_wise", "row_wise", "column_wise", "table_row_wise"]
+
+
+def _embedding_optimizer_class(name: str):
+    from torchrec import optim as trec_optim
+
+    classes = {"row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
+               "sgd": trec_optim.SGD, "adam": trec_optim.Adam}
+    if name not in classes:
+        raise ValueError(f"embedding_optimizer must be one of {sorted(classes)}, got {name!r}")
+    return classes[name]
+
+
+def ensure_process_group(device: torch.device) -> bool:
+    """Initialise a one-process group when none exists (DMP needs one even at world size 1).
+
+    Returns True when this call created it. Lightning's DDP strategies create the group
+    themselves before the model is built, so under them this is a no-op.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def shard_with_fused_optimizer(
+    model: nn.Module,
+    device: torch.device,
+    embedding_optimizer: EmbeddingOptimizerName = "row_wise_adagrad",
+    embedding_lr: float = 0.01,
+    embedding_eps: float = 1e-8,
+    embedding_weight_decay: float = 0.0,
+    sharding_types: list[ShardingTypeName] | None = None,
+) -> nn.Module:
+    """Wrap ``model`` (whose ``EmbeddingBagCollection`` lives on the meta device or CPU) in DMP.
+
+    Every table gets the FUSED compute kernel (its optimizer runs in backward); the planner
+    picks a sharding among ``sharding_types`` (default: table-, row- or column-wise; never data
+    parallel, which would bring back dense gradients).
+    """
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    import torch.distributed as dist
+
+    if embedding_lr <= 0:
+        raise ValueError(f"embedding_lr must be > 0, got {embedding_lr!r}")
+    ensure_process_group(device)
+    kwargs: dict = {"lr": embedding_lr}
+    if embedding_optimizer in ("row_wise_adagrad", "adagrad", "adam"):
+        kwargs["eps"] = embedding_eps
+    if embedding_weight_decay:
+        kwargs["weight_decay"] = embedding_weight_decay
+    ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+    if not ebcs:
+        raise ValueError("model: no torchrec EmbeddingBagCollection found to shard")
+    tables = [cfg.name for ebc in ebcs for cfg in ebc.embedding_bag_configs()]
+    for ebc in ebcs:
+        _apply_optimizer_in_backward(_embedding_optimizer_class(embedding_optimizer),
+                                     ebc.parameters(), kwargs)
+    types = sharding_types or ["table_wise", "row_wise", "column_wise"]
+    constraints = {name: ParameterConstraints(
+        sharding_types=list(types), compute_kernels=[EmbeddingComputeKernel.FUSED.value])
+        for name in tables}
+    world = dist.get_world_size()
+    topology = Topology(world_size=world, compute_device=device.type,
+                        local_world_size=min(world, torch.cuda.device_count()) if device.type == "cuda" else world)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    # At world size 1 DDP around the dense part only costs time (its first ten iterations are
+    # instrumented and slow), so DMP's data-parallel wrapper is used from two processes up.
+    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders,
+                                    init_data_parallel=world > 1)
+
+
+def dense_named_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters not updated in backward: everything but the fused tables."""
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    return dict(in_backward_optimizer_filter(dmp.named_parameters()))
+
+
+def make_fused_dense_optimizer(dmp: nn.Module, dense_optimizer: torch.optim.Optimizer
+                               ) -> "torch.optim.Optimizer":
+    """:class:`FusedDenseOptimizer` over DMP's fused optimizer and ``dense_optimizer``.
+
+    ``dense_optimizer`` must have been built over (a grouping of) :func:`dense_named_parameters`.
+    """
+    cls = _fused_dense_class()
+    return cls(dmp.fused_optimizer, dense_optimizer, dense_named_parameters(dmp))
+
+
+# --- plain-tensor state -----------------------------------------------------------------------
+
+
+def to_plain(value):
+    """Sharded tensors (ShardedTensor, DTensor) to full ordinary tensors, recursively.
+
+    At world size > 1 this is a collective: call it on every rank (rank 0 gets the data).
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+    import torch.distributed as dist
+
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    if isinstance(value, DTensor):
+        return value.full_tensor().detach().cpu()
+    if isinstance(value, ShardedTensor):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        local = value.local_shards()
+        dtype = local[0].tensor.dtype if local else torch.float32
+        if world == 1:
+            full = torch.empty(value.size(), dtype=dtype)
+            for shard in local:
+                full[_slices(shard.metadata)] = shard.tensor.detach().cpu()
+            return full
+        full = torch.empty(value.size(), dtype=dtype, device=local[0].tensor.device) \
+            if dist.get_rank() == 0 else None
+        value.gather(dst=0, out=full)
+        return full.cpu() if full is not None else torch.empty(0)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def copy_plain_into(target, plain: torch.Tensor) -> None:
+    """Copy a full tensor into a (possibly sharded) tensor's local part, in place."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    if tuple(target.size()) != tuple(plain.size()):
+        raise ValueError(f"checkpoint tensor of shape {tuple(plain.size())} does not fit "
+                         f"{tuple(target.size())}: was it saved with other knobs (V, H)?")
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            shard.tensor.detach().copy_(plain[_slices(shard.metadata)])
+    elif isinstance(target, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        target.detach().copy_(distribute_tensor(plain.to(target.device), target.device_mesh,
+                                                target.placements))
+    else:
+        target.detach().copy_(plain)
+
+
+def is_sharded(value) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, (ShardedTensor, DTensor))
+
+
+def _slices(metadata) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(metadata.shard_offsets, metadata.shard_sizes))
+
+
+_FUSED_DENSE = None
+
+
+def _fused_dense_class():
+    global _FUSED_DENSE
+    if _FUSED_DENSE is not None:
+        return _FUSED_DENSE
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+
+    class FusedDenseOptimizer(CombinedOptimizer):
+        """torchrec's CombinedOptimizer of the fused (in-backward) and the dense optimizer.
+
+        ``step`` and ``zero_grad`` go to both (the fused step only pushes the current
+        learning rate to fbgemm, the update already happened in backward), so a scheduler on
+        this optimizer drives the embedding lr as well. ``state_dict`` is plain tensors:
+        ``{"fused": {param: {state: tensor}}, "fused_lr": [...], "dense": torch state_dict}``;
+        the dense part uses torch's own format because its state may not exist yet at load time.
+        """
+
+        def __init__(self, fused: KeyedOptimizer, dense: torch.optim.Optimizer,
+                     dense_params: dict[str, nn.Parameter]) -> None:
+            self.dense_optimizer = dense
+            self.fused = fused
+            wrapper = KeyedOptimizerWrapper(dense_params, lambda _params: dense)
+            super().__init__([("fused", fused), ("dense", wrapper)])
+
+        def state_dict(self) -> dict:
+            return {
+                "fused": to_plain(self.fused.state_dict()["state"]),
+                "fused_lr": [group["lr"] for group in self.fused.param_groups],
+                "dense": self.dense_optimizer.state_dict(),
+            }
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            if "fused" not in state_dict or "dense" not in state_dict:
+                raise ValueError("optimizer state: expected keys 'fused' and 'dense' (a "
+                                 "checkpoint written by DLRMModule), got "
+                                 f"{sorted(state_dict)!r}")
+            current = self.fused.state_dict()["state"]
+            saved = state_dict["fused"]
+            if set(current) != set(saved):
+                raise ValueError(f"optimizer state: embedding tables {sorted(saved)} in the "
+                                 f"checkpoint, {sorted(current)} in the model")
+            for key, states in current.items():
+                for name, tensor in states.items():
+                    if isinstance(tensor, torch.Tensor):
+                        copy_plain_into(tensor, saved[key][name])
+            for group, lr in zip(self.fused.param_groups, state_dict.get("fused_lr", [])):
+                group["lr"] = lr
+            self.dense_optimizer.load_state_dict(state_dict["dense"])
+
+    FusedDenseOptimizer.__module__ = __name__
+    _FUSED_DENSE = FusedDenseOptimizer
+    return FusedDenseOptimizer

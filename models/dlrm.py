@@ -1,0 +1,338 @@
+"""DLRM on torchrec with the four parameter-scaling knobs of Ardalani et al., "Understanding
+Scaling Laws for Recommendation Models" (arXiv 2208.08489): V (rows per table), H (embedding
+dim), M (top-MLP widths) and O (width multiplier on every non-embedding layer).
+
+The network is torchrec's ``DLRM`` (or ``DLRM_DCN``) built by :func:`build_dlrm`; the module
+wraps it in ``DistributedModelParallel`` with the embedding optimizer fused into the backward
+pass (see :mod:`lit.recsys.fused`) and drives it with Lightning's manual optimization, so
+Lightning never wraps the model a second time. Notation: B batch, F sparse features, H (= D in
+torchrec) embedding dim.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lit.module import LitModule
+from lit.recsys.batching import CTRSchema
+from lit.recsys.fused import EmbeddingOptimizerName, ShardingTypeName
+from lit.recsys.metrics import CTRMetrics
+from lit.recsys.sizing import DLRMShape, dlrm_shape
+
+
+def default_dense_optimizer(params) -> torch.optim.Optimizer:
+    """Adagrad(lr=0.01) for the dense layers: the DLRM reference recipe's optimizer."""
+    return torch.optim.Adagrad(params, lr=0.01)
+
+
+def build_dlrm(shape: DLRMShape, sparse_names: list[str] | tuple[str, ...],
+               embedding_device: torch.device | str = "meta") -> nn.Module:
+    """torchrec ``DLRM`` / ``DLRM_DCN`` of the given shape; one table per sparse feature.
+
+    Tables are created on ``embedding_device`` ("meta" by default: DMP allocates them where
+    they are sharded, so a 100-GB table never exists on the host first).
+    """
+    from torchrec.models.dlrm import DLRM, DLRM_DCN
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    assert len(sparse_names) == shape.num_sparse
+    tables = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=shape.embedding_dim,
+                                 num_embeddings=rows, feature_names=[name])
+              for name, rows in zip(sparse_names, shape.rows)]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
+    if shape.interaction == "dot":
+        return DLRM(ebc, shape.num_dense, list(shape.bottom), list(shape.top))
+    return DLRM_DCN(ebc, shape.num_dense, list(shape.bottom), list(shape.top),
+                    dcn_num_layers=shape.dcn_num_layers, dcn_low_rank_dim=shape.dcn_low_rank_dim)
+
+
+def fold_ids(kjt, rows: torch.Tensor):
+    """Hash each feature's ids into its table by modulo: ``id % rows[feature]`` (V < cardinality).
+
+    ``rows`` is ``(F,)`` int64 on the KJT's device. No host sync: sizes are passed explicitly.
+    """
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    values, lengths = kjt.values(), kjt.lengths()
+    rows_per_bag = rows.repeat_interleave(kjt.stride())  # (F * B,) feature-major
+    rows_per_value = rows_per_bag.repeat_interleave(lengths.long(), output_size=values.numel())
+    return KeyedJaggedTensor(keys=kjt.keys(), values=values % rows_per_value, lengths=lengths,
+                             offsets=kjt.offsets_or_none(), stride=kjt.stride(),
+                             length_per_key=kjt.length_per_key_or_none(),
+                             offset_per_key=kjt.offset_per_key_or_none())
+
+
+class DLRMModule(LitModule):
+    """DLRM click-through-rate model with fused sparse embedding updates.
+
+    The feature schema (dense count, sparse names, cardinalities) comes from the datamodule's
+    ``schema`` unless given here. Each table has ``min(V, cardinality)`` rows; ids beyond V are
+    folded in by modulo.
+
+    Args:
+        embedding_dim: H, the dimension of every table (and the bottom MLP's output).
+        num_embeddings: V, rows per table: one int for all, or one per sparse feature.
+        dense_arch_layer_sizes: hidden widths of the bottom MLP (H is appended).
+        over_arch_layer_sizes: M, hidden widths of the top MLP (the logit layer is appended).
+        width_multiplier: O, multiplies every hidden width above and the DCN rank.
+        interaction: ``"dot"`` (DLRM's pairwise dots) or ``"dcn"`` (low-rank cross net).
+        dcn_num_layers, dcn_low_rank_dim: the cross net's depth and rank (``"dcn"`` only).
+        embedding_optimizer: fused in-backward optimizer of the tables (fbgemm TBE).
+        embedding_lr, embedding_eps, embedding_weight_decay: its settings.
+        sharding_types: sharding types the torchrec planner may choose (default table-, row-
+            or column-wise).
+        num_dense_features, sparse_feature_names, cardinalities: the schema, when not taken
+            from the datamodule.
+        auroc_thresholds: ``None`` = exact AUROC; an int bins predictions (constant memory).
+        optimizer: the dense layers' optimizer (any torch optimizer, or ``lit.optim.Adan``).
+        lr_scheduler, lr_scheduler_interval: see :class:`lit.module.LitModule`; the scheduler
+            sees every param group, so it scales the embedding lr too.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 64,
+        num_embeddings: int | list[int] = 100_000,
+        dense_arch_layer_sizes: list[int] = [512, 256],  # noqa: B006  (YAML-visible default)
+        over_arch_layer_sizes: list[int] = [512, 512, 256],  # noqa: B006
+        width_multiplier: float = 1.0,
+        interaction: Literal["dot", "dcn"] = "dot",
+        dcn_num_layers: int = 3,
+        dcn_low_rank_dim: int = 512,
+        embedding_optimizer: EmbeddingOptimizerName = "row_wise_adagrad",
+        embedding_lr: float = 0.01,
+        embedding_eps: float = 1e-8,
+        embedding_weight_decay: float = 0.0,
+        sharding_types: list[ShardingTypeName] | None = None,
+        num_dense_features: int | None = None,
+        sparse_feature_names: list[str] | None = None,
+        cardinalities: list[int] | None = None,
+        auroc_thresholds: int | None = None,
+        optimizer: OptimizerCallable = default_dense_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, monitor="val/logloss")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False  # the tables update inside backward
+        given = [num_dense_features is not None, sparse_feature_names is not None,
+                 cardinalities is not None]
+        if any(given) and not all(given):
+            raise ValueError("num_dense_features, sparse_feature_names, cardinalities: give all "
+                             "three or none (then the datamodule's schema is used)")
+        self.schema: CTRSchema | None = None
+        if all(given):
+            if len(sparse_feature_names) != len(cardinalities):
+                raise ValueError(f"cardinalities: {len(cardinalities)} values for "
+                                 f"{len(sparse_feature_names)} sparse_feature_names")
+            self.schema = CTRSchema(num_dense_features, tuple(sparse_feature_names),
+                                    tuple(cardinalities))
+            self.shape = self._shape(self.schema)  # validate the knobs now
+        self.model: nn.Module | None = None
+        self.val_metrics = CTRMetrics(auroc_thresholds)
+        self.test_metrics = CTRMetrics(auroc_thresholds)
+        self.samples_seen = 0
+        self.size_report: dict[str, int] = {}
+
+    # --- network -------------------------------------------------------------------------------
+
+    def _shape(self, schema: CTRSchema) -> DLRMShape:
+        hp = self.hparams
+        return dlrm_shape(schema.cardinalities, schema.num_dense, hp.num_embeddings,
+                          hp.embedding_dim, hp.dense_arch_layer_sizes, hp.over_arch_layer_sizes,
+                          hp.width_multiplier, hp.interaction, hp.dcn_num_layers,
+                          hp.dcn_low_rank_dim)
+
+    def _resolve_schema(self) -> CTRSchema:
+        if self.schema is not None:
+            return self.schema
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        schema = getattr(datamodule, "schema", None)
+        if schema is None:
+            raise ValueError("DLRMModule: no feature schema; use a CTR datamodule (CriteoTSV, "
+                             "SyntheticCTR, MovieLens100K) or give num_dense_features, "
+                             "sparse_feature_names and cardinalities")
+        self.schema = schema
+        return schema
+
+    def configure_model(self) -> None:
+        """Build the DLRM and wrap it in DMP on this process's device (once)."""
+        if self.model is not None:
+            return
+        from lit.recsys.fused import shard_with_fused_optimizer
+
+        schema = self._resolve_schema()
+        self.shape = self._shape(schema)
+        device = self._trainer.strategy.root_device if self._trainer else torch.device("cpu")
+        hp = self.hparams
+        self.model = shard_with_fused_optimizer(
+            build_dlrm(self.shape, schema.sparse_names), device, hp.embedding_optimizer,
+            hp.embedding_lr, hp.embedding_eps, hp.embedding_weight_decay, hp.sharding_types)
+        rows = torch.tensor(self.shape.rows, dtype=torch.int64)
+        # Fold ids only when some table is smaller than its feature's cardinality.
+        needs_fold = any(r < c for r, c in zip(self.shape.rows, schema.cardinalities))
+        self.register_buffer("table_rows", rows.to(device) if needs_fold else None, persistent=False)
+        self.size_report = {
+            "embedding_parameters": self.shape.embedding_parameters(),
+            "dense_parameters": self.shape.dense_parameters(),
+            "forward_flops_per_sample": self.shape.forward_flops(),
+        }
+
+    def forward(self, batch) -> torch.Tensor:  # -> (B,) logits
+        if self.model is None:
+            self.configure_model()
+        sparse = batch.sparse_features
+        if self.table_rows is not None:
+            sparse = fold_ids(sparse, self.table_rows)
+        return self.model(batch.dense_features, sparse).squeeze(-1)
+
+    # --- optimization ----------------------------------------------------------------------------
+
+    def optimizer_groups(self) -> list[dict]:
+        """The dense parameters, no weight decay on biases (the tables update in backward)."""
+        from lit.recsys.fused import dense_named_parameters
+
+        decay, no_decay = [], []
+        for param in dense_named_parameters(self.model).values():
+            (decay if param.ndim > 1 else no_decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        from lit.recsys.fused import make_fused_dense_optimizer
+        from lit.schedulers import WarmupDecay
+
+        optimizer = make_fused_dense_optimizer(self.model, self.optimizer(self.optimizer_groups()))
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupDecay) and scheduler.total_steps is None:
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+
+    def on_fit_start(self) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams(self.size_report)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        logits = self(batch)
+        # Progressive loss: computed on this batch before any update from it.
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and (self.lr_scheduler_interval == "step"
+                                      or _is_warmup_decay(scheduler)):
+            scheduler.step()
+        size = batch.labels.numel()
+        self.samples_seen += size * self.trainer.world_size
+        loss = loss.detach()
+        self._progressive += torch.stack([loss * size, loss.new_tensor(float(size))])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._progressive = torch.zeros(2, device=self.device, dtype=torch.float64)
+
+    def on_train_epoch_end(self) -> None:
+        # Mean progressive loss over every sample of the epoch (each scored before its update).
+        total, count = self._progressive.tolist()
+        self.log("train/progressive_loss", total / max(count, 1.0), sync_dist=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.lr_scheduler_interval == "epoch" \
+                and not _is_warmup_decay(scheduler):
+            scheduler.step()
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.val_metrics.update(self(batch), batch.labels)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.test_metrics.update(self(batch), batch.labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, stage: str, metrics: CTRMetrics) -> None:
+        values = metrics.compute()  # already reduced across ranks by torchmetrics
+        metrics.reset()
+        for name, value in values.items():  # sync_dist: identical on every rank already
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("logloss", "auroc"), sync_dist=True)
+        self.log(f"{stage}/samples_seen", float(self.samples_seen), sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return torch.sigmoid(self(batch))
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the tables as plain tensors (loadable with ``weights_only=True``) and the schema."""
+        from lit.recsys.fused import to_plain
+
+        checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
+        checkpoint["samples_seen"] = self.samples_seen
+        if self.schema is not None:
+            checkpoint["ctr_schema"] = {"num_dense": self.schema.num_dense,
+                                        "sparse_names": list(self.schema.sparse_names),
+                                        "cardinalities": list(self.schema.cardinalities)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Build the model (from the saved schema if needed) before its state is loaded."""
+        if self.schema is None and "ctr_schema" in checkpoint:
+            saved = checkpoint["ctr_schema"]
+            self.schema = CTRSchema(saved["num_dense"], tuple(saved["sparse_names"]),
+                                    tuple(saved["cardinalities"]))
+        self.configure_model()
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        """DMP's own state dict under ``model.`` (nesting DMP in a parent module garbles its keys)."""
+        if self.model is None:
+            return {}
+        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Copy plain (or sharded) tensors into the DMP model's parameters, in place."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        from lit.recsys.fused import copy_plain_into, to_plain
+
+        if self.model is None:
+            self.configure_model()
+        current = self.model.state_dict()
+        given = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        missing = sorted(set(current) - set(given))
+        unexpected = sorted(set(given) - set(current)) + [k for k in state_dict
+                                                         if not k.startswith("model.")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"DLRMModule.load_state_dict: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        with torch.no_grad():
+            for key in set(current) & set(given):
+                value = given[key]
+                copy_plain_into(current[key], value if isinstance(value, torch.Tensor)
+                                and not _sharded(value) else to_plain(value))
+        return _IncompatibleKeys(missing, unexpected)
+
+
+def _sharded(value) -> bool:
+    from lit.recsys.fused import is_sharded
+
+    return is_sharded(value)
+
+
+def _is_warmup_decay(scheduler) -> bool:
+    from lit.schedulers import WarmupDecay
+
+    return isinstance(scheduler, WarmupDecay)

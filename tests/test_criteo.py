@@ -1,0 +1,146 @@
+"""CriteoTSV against hand-written lines in Criteo's exact text format."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from datamodules.criteo import CriteoTSV, CriteoTextStream, MalformedLine, parse_line
+from lit.recsys.sharding import Reader
+
+
+def line(label, ints, cats) -> str:
+    return "\t".join([str(label)] + [str(i) for i in ints] + list(cats)) + "\n"
+
+
+INTS = ["5", "", "-1"] + ["2"] * 10            # a missing value and a negative count
+CATS = ["68fd1e64", "", "ffffffff"] + ["1"] * 23  # hex ids, one missing
+LINE = line(1, INTS, CATS)
+
+
+def write_lines(path, count: int) -> list[int]:
+    """``count`` valid lines whose int_0 is the line number (so batches can be traced)."""
+    with open(path, "w") as f:
+        for n in range(count):
+            f.write(line(n % 2, [n] + ["1"] * 12, [format(n, "x")] * 26))
+    return list(range(count))
+
+
+def test_parse_line_hand_worked():
+    label, ints, cats = parse_line(LINE)
+    assert label == 1
+    assert ints[:3] == [5, 0, -1]
+    assert cats[:3] == [0x68FD1E64, 0, 0xFFFFFFFF]
+    assert cats[0] == 1761418852
+
+
+def test_batch_values_dense_transform_and_hashing(tmp_path):
+    path = tmp_path / "day.tsv"
+    path.write_text(LINE + line(0, ["0"] * 13, ["a"] * 26))
+    stream = CriteoTextStream([str(path)], 4, (1000,) * 26, None, False, "error")
+    (batch,) = list(stream)
+    assert batch.labels.tolist() == [1.0, 0.0]
+    dense = batch.dense_features[0].tolist()
+    assert dense[0] == pytest.approx(math.log(6.0))     # log(1 + 5)
+    assert dense[1] == 0.0 and dense[2] == 0.0            # missing -> 0, -1 clamps to 0
+    ids = batch.sparse_features.to_dict()
+    assert ids["cat_0"].values().tolist() == [852, 10]    # 1761418852 % 1000, 0xa
+    assert ids["cat_1"].values().tolist() == [0, 10]      # missing -> 0
+    assert ids["cat_2"].values().tolist() == [295, 10]    # 4294967295 % 1000
+
+
+def test_gzip_reads_the_same(tmp_path):
+    plain = tmp_path / "a.tsv"
+    write_lines(plain, 10)
+    packed = tmp_path / "a.tsv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    read = lambda p: [b for b in CriteoTextStream([str(p)], 4, (97,) * 26, None, False, "error")]
+    for a, b in zip(read(plain), read(packed), strict=True):
+        assert a.indices.tolist() == b.indices.tolist()
+        assert a.sparse_features.values().tolist() == b.sparse_features.values().tolist()
+
+
+def test_malformed_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text(LINE + "1\t2\t3\n" + LINE)
+    with pytest.raises(MalformedLine, match=r"bad.tsv:2: expected 40"):
+        list(CriteoTextStream([str(path)], 8, (10,) * 26, None, False, "error"))
+
+
+def test_malformed_counted_and_reported(tmp_path, caplog):
+    path = tmp_path / "bad.tsv"
+    path.write_text(LINE + LINE.replace("68fd1e64", "xyz") + "2" + LINE[1:] + LINE)
+    stream = CriteoTextStream([str(path)], 8, (10,) * 26, None, False, "count")
+    with caplog.at_level(logging.WARNING, logger="datamodules.criteo"):
+        (batch,) = list(stream)
+    assert batch.indices.tolist() == [0, 3]
+    assert stream.malformed == 2
+    assert "skipped 2 malformed lines" in caplog.text and "bad.tsv:2" in caplog.text
+
+
+@pytest.mark.parametrize("world,workers,drop_last,budget", [
+    (1, 2, True, None), (2, 2, True, None), (2, 3, False, None), (3, 2, True, 70)])
+def test_sharding_no_duplicates_no_losses(tmp_path, monkeypatch, world, workers, drop_last, budget):
+    files = [tmp_path / "a.tsv", tmp_path / "b.tsv.gz"]
+    write_lines(files[0], 57)
+    with open(tmp_path / "b.tsv", "w") as f:
+        for n in range(57, 100):
+            f.write(line(0, [n] + ["1"] * 12, ["0"] * 26))
+    files[1].write_bytes(gzip.compress((tmp_path / "b.tsv").read_bytes()))
+    seen, per_rank = [], [0] * world
+    for rank in range(world):
+        for worker in range(workers):
+            reader = Reader(index=worker * world + rank, count=world * workers, world_size=world)
+            monkeypatch.setattr("datamodules.criteo.current_reader", lambda r=reader: r)
+            stream = CriteoTextStream([str(p) for p in files], 8, (10,) * 26, budget, drop_last, "error")
+            for batch in stream:
+                idx = batch.indices.tolist()
+                # int_0 holds the line number: the batch really holds those lines.
+                assert np.allclose(batch.dense_features[:, 0].numpy(), np.log1p(idx))
+                seen += idx
+                per_rank[rank] += 1
+    total = budget or 100
+    assert len(seen) == len(set(seen))
+    if drop_last:  # whole batches only, the same count on every rank
+        assert len(set(per_rank)) == 1
+        assert sorted(seen) == list(range(per_rank[0] * world * 8))
+        assert total - len(seen) < 8 * world
+    else:
+        assert sorted(seen) == list(range(total))
+
+
+def test_dataloader_workers_split_lines(tmp_path):
+    path = tmp_path / "a.tsv"
+    write_lines(path, 50)
+    dm = CriteoTSV(train_files=[str(path)], batch_size=8, num_embeddings=100, num_workers=2)
+    seen = [i for b in dm.train_dataloader() for i in b.indices.tolist()]
+    assert sorted(seen) == list(range(48))  # 6 whole batches, each line once
+
+
+def test_npy_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for day, n in (("day_0", 20), ("day_1", 13)):
+        np.save(tmp_path / f"{day}_dense.npy", rng.random((n, 13), dtype=np.float32))
+        np.save(tmp_path / f"{day}_sparse.npy", rng.integers(0, 10**9, (n, 26)))
+        np.save(tmp_path / f"{day}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
+    dm = CriteoTSV(train_files=[str(tmp_path / "day_0_dense.npy")],
+                   val_files=[str(tmp_path / f"day_{d}_dense.npy") for d in (0, 1)],
+                   batch_size=8, num_embeddings=1000)
+    batches = list(dm.val_dataloader())
+    assert sum(len(b.labels) for b in batches) == 33
+    sparse = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in (0, 1)])
+    crossing = batches[2]  # rows 16..23 span both files
+    assert crossing.indices.tolist() == list(range(16, 24))
+    assert crossing.sparse_features["cat_3"].values().tolist() == (sparse[16:24, 3] % 1000).tolist()
+    assert len(list(dm.train_dataloader())) == 2
+
+
+def test_bad_settings(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_files"):
+        CriteoTSV(train_files=[str(tmp_path / "missing.tsv")])
+    with pytest.raises(ValueError, match="num_embeddings"):
+        CriteoTSV(train_files=[], num_embeddings=[10, 20])

@@ -1,0 +1,73 @@
+"""SyntheticCTR: deterministic by seed, Zipf ids, a teacher with a known achievable loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datamodules.synthetic_ctr import SyntheticCTR, bounded_zipf
+from lit.recsys.metrics import binary_entropy
+
+SMALL = dict(cardinalities=[50, 1000, 3], num_dense=4, val_samples=4096, test_samples=1024)
+
+
+def values(batch):
+    return (batch.dense_features.numpy(), batch.sparse_features.values().numpy(),
+            batch.labels.numpy(), batch.indices.numpy())
+
+
+def test_deterministic_by_seed_and_independent_of_batching():
+    a = SyntheticCTR(batch_size=512, train_samples=2048, seed=3, **SMALL)
+    b = SyntheticCTR(batch_size=512, train_samples=2048, seed=3, **SMALL)
+    for x, y in zip(a.train_dataloader(), b.train_dataloader(), strict=True):
+        for u, v in zip(values(x), values(y)):
+            np.testing.assert_array_equal(u, v)
+    # Sample i is a function of (seed, i): the same rows come out with another batch size.
+    c = SyntheticCTR(batch_size=300, train_samples=2048, seed=3, **SMALL)
+    first = next(iter(a.train_dataloader()))
+    rows = np.concatenate([values(bt)[0] for bt in c.train_dataloader()])[:512]
+    np.testing.assert_array_equal(rows, values(first)[0])
+    other = next(iter(SyntheticCTR(batch_size=512, train_samples=2048, seed=4, **SMALL).train_dataloader()))
+    assert not np.array_equal(values(other)[1], values(first)[1])
+
+
+def test_bounded_zipf_against_the_power_law():
+    u = np.random.default_rng(0).random(400_000)
+    ids = bounded_zipf(u, 1000, 1.2)
+    assert ids.min() >= 0 and ids.max() <= 999
+    counts = np.bincount(ids, minlength=1000)
+    # The continuous law puts mass (k+1)^(1-a) - (k+2)^(1-a) on id k, normalised over [1, n+1).
+    edges = np.arange(1, 1002, dtype=np.float64) ** (1 - 1.2)
+    expected = (edges[:-1] - edges[1:]) / (edges[0] - edges[-1])
+    np.testing.assert_allclose(counts[:5] / len(ids), expected[:5], rtol=0.03)
+    assert bounded_zipf(u[:10], 1, 1.2).tolist() == [0] * 10
+
+
+def test_teacher_labels_and_achievable_loss():
+    dm = SyntheticCTR(batch_size=4096, train_samples=4096, base_rate=0.25, **SMALL)
+    batch = next(iter(dm.val_dataloader()))
+    rate = float(batch.labels.mean())
+    assert 0.15 < rate < 0.35
+    achievable = dm.achievable_logloss("val")
+    # The teacher knows more than the base rate: its loss is below the base rate's entropy.
+    assert 0.1 < achievable < binary_entropy(rate) - 0.05
+    # Labels really are Bernoulli(teacher p): their mean log loss under p matches its entropy.
+    _d, _i, prob, labels = dm.source("val")._gather(np.arange(4096))
+    p = np.clip(prob.astype(np.float64), 1e-12, 1 - 1e-12)
+    nll = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    assert nll == pytest.approx(achievable, abs=0.02)
+
+
+def test_schema_and_workers_read_each_sample_once():
+    dm = SyntheticCTR(batch_size=256, train_samples=256 * 7 + 100, num_workers=2, **SMALL)
+    assert dm.schema.cardinalities == (50, 1000, 3)
+    seen = [i for b in dm.train_dataloader() for i in b.indices.tolist()]
+    assert sorted(seen) == list(range(256 * 7))
+    assert len(dm.train_dataloader()) == 7
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="base_rate"):
+        SyntheticCTR(base_rate=1.5, **SMALL)
+    with pytest.raises(ValueError, match="cardinalities"):
+        SyntheticCTR(cardinalities=[], num_dense=4)
