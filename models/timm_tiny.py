@@ -39,3 +39,33 @@ def deit_fmnist_small_patch4_28(**kwargs) -> VisionTransformer:
 def deit_fmnist_base_patch4_28(**kwargs) -> VisionTransformer:
     """embed 192, depth 8, 6 heads (~2.4M parameters)."""
     return _vit(embed_dim=192, depth=8, num_heads=6, mlp_ratio=2.0, **kwargs)
+
+
+def _swin(**kwargs):
+    from timm.models.swin_transformer import SwinTransformer
+
+    kwargs.setdefault("img_size", 28)
+    kwargs.setdefault("patch_size", 2)
+    kwargs.setdefault("window_size", 7)
+    kwargs.setdefault("in_chans", 1)
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("drop_path_rate", 0.0)
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained: the 28x28 models have no pretrained weights; set it to false")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "patch_drop_rate"):
+        kwargs.pop(key, None)
+    return SwinTransformer(**kwargs)
+
+
+@register_model
+def swin_fmnist_tiny_patch2_window7_28(**kwargs):
+    """Swin for 28x28: 2x2 patches (14x14 grid = 2x2 windows of 7), stages 14 -> 7, embed 48,
+    depths (2, 2), heads (2, 4) (~0.2M parameters)."""
+    return _swin(embed_dim=48, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2.0, **kwargs)
+
+
+@register_model
+def swin_fmnist_small_patch2_window7_28(**kwargs):
+    """Three stages 14 -> 7 -> 4 (timm pads the odd 7; the last window is clipped to 4), embed 64,
+    depths (2, 2, 2), heads (2, 4, 8) (~1.6M parameters)."""
+    return _swin(embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratio=2.0, **kwargs)

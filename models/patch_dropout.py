@@ -1,0 +1,168 @@
+"""PatchDropout for ViT / DeiT (Liu et al., "PatchDropout: Economizing Vision Transformers Using
+Patch Dropout", arXiv 2208.07220; reference repo yueliukth/PatchDropout).
+
+At train time each image keeps ``k = max(1, int(L * keep_rate))`` of its ``L`` patch tokens,
+chosen uniformly without replacement and independently per image; the prefix tokens (class,
+distillation, register tokens) are always kept. The position embedding is added before the
+drop, so every kept token still knows where it came from. Validation, test and predict see
+every patch.
+
+Two choices the sources leave open are arguments here:
+
+* ``ordered``: the reference sorts the kept indices (tokens stay in raster order); timm's
+  ``PatchDropout`` leaves them shuffled. For a ViT without causal structure the two are
+  equivalent in distribution; sorting costs one small sort.
+* ``schedule``: ``"fixed"`` uses ``keep_rate`` every step; ``"random"`` is the reference repo's
+  later default, one keep rate per step: 1.0 with probability 1/2, otherwise
+  ``1 - U{0..10} / 20`` (so 1.0, 0.95, ..., 0.5). The whole batch shares the step's rate.
+
+The layer goes into timm's ``VisionTransformer.patch_drop`` slot (see :func:`install_patch_dropout`),
+which runs right after ``_pos_embed``; DeiT's distilled model works too, because the number of
+prefix tokens is read from the built model (timm's own ``patch_drop_rate`` counts only the class
+token there and can drop the distillation token).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+KeepRateSchedule = Literal["fixed", "random"]
+
+
+def keep_count(num_patches: int, keep_rate: float) -> int:
+    """Patches kept out of ``num_patches``: ``max(1, floor(num_patches * keep_rate))``."""
+    return max(1, int(num_patches * keep_rate))
+
+
+def sample_keep_rate(generator: torch.Generator | None = None) -> float:
+    """The reference repo's random keep rate: 1.0 w.p. 1/2, else ``1 - U{0..10}/20``."""
+    if torch.rand((), generator=generator).item() < 0.5:
+        return 1.0
+    return 1.0 - int(torch.randint(0, 11, (), generator=generator).item()) / 20.0
+
+
+def patch_keep_indices(
+    batch: int,
+    num_patches: int,
+    keep: int,
+    ordered: bool,
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Indices ``(batch, keep)`` of the kept patches: per row a uniform subset, sorted if ``ordered``."""
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    # topk of uniform noise = the first `keep` entries of a uniform random permutation.
+    idx = noise.topk(keep, dim=1, sorted=False).indices
+    if ordered:
+        idx = idx.sort(dim=1).values
+    return idx
+
+
+def patch_dropout(
+    x: torch.Tensor,
+    keep_rate: float,
+    num_prefix_tokens: int,
+    ordered: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop patch tokens of ``x`` ``(B, P + L, D)`` (``P`` prefix tokens first).
+
+    Returns ``(B, P + k, D)`` and the kept patch indices ``(B, k)`` (``None`` when nothing is
+    dropped, in which case ``x`` is returned as it is).
+    """
+    num_patches = x.shape[1] - num_prefix_tokens
+    keep = keep_count(num_patches, keep_rate)
+    if keep >= num_patches:
+        return x, None
+    idx = patch_keep_indices(x.shape[0], num_patches, keep, ordered, x.device, generator)
+    patches = x[:, num_prefix_tokens:]
+    kept = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, k, D)
+    if num_prefix_tokens:
+        kept = torch.cat([x[:, :num_prefix_tokens], kept], dim=1)
+    return kept, idx
+
+
+class PatchDropout(nn.Module):
+    """Token-dropping layer for timm's ``VisionTransformer.patch_drop`` slot.
+
+    Args:
+        keep_rate: fraction of patch tokens kept at train time (``schedule="fixed"``), in (0, 1].
+        schedule: ``"fixed"`` or ``"random"`` (the reference's per-step random keep rate).
+        ordered: keep the kept tokens in raster order (reference) instead of shuffled (timm).
+        num_prefix_tokens: leading tokens never dropped (class, distillation, registers).
+
+    After each training forward, ``last_keep_rate``, ``last_tokens`` (patch tokens kept per
+    image) and ``last_indices`` (``(B, k)`` kept patch indices, ``None`` if all were kept) say
+    what the step used, for logging and visualisation.
+    """
+
+    def __init__(
+        self,
+        keep_rate: float = 0.5,
+        schedule: KeepRateSchedule = "fixed",
+        ordered: bool = True,
+        num_prefix_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        check_keep_rate(keep_rate, schedule)
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens!r}")
+        self.keep_rate = keep_rate
+        self.schedule = schedule
+        self.ordered = ordered
+        self.num_prefix_tokens = num_prefix_tokens
+        self.last_keep_rate = 1.0
+        self.last_tokens: int | None = None
+        self.last_indices: torch.Tensor | None = None
+
+    @property
+    def prob(self) -> float:
+        """Drop probability, timm's name for ``1 - keep_rate``."""
+        return 1.0 - self.keep_rate
+
+    def step_keep_rate(self) -> float:
+        """The keep rate of this training step (drawn anew for ``schedule="random"``)."""
+        return sample_keep_rate() if self.schedule == "random" else self.keep_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P + L, D) -> (B, P + k, D)
+        if not self.training:
+            return x
+        self.last_keep_rate = self.step_keep_rate()
+        x, self.last_indices = patch_dropout(x, self.last_keep_rate, self.num_prefix_tokens, self.ordered)
+        self.last_tokens = x.shape[1] - self.num_prefix_tokens
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"keep_rate={self.keep_rate}, schedule={self.schedule!r}, ordered={self.ordered}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
+
+
+def check_keep_rate(keep_rate: float, schedule: str) -> None:
+    """Raise a ``ValueError`` naming the field for a bad keep rate or schedule."""
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate!r}; 0.5 keeps half the patches")
+    if schedule not in ("fixed", "random"):
+        raise ValueError(f"keep_rate_schedule must be 'fixed' or 'random', got {schedule!r}")
+
+
+def install_patch_dropout(
+    model: nn.Module,
+    keep_rate: float,
+    schedule: KeepRateSchedule = "fixed",
+    ordered: bool = True,
+) -> PatchDropout:
+    """Put a :class:`PatchDropout` into a timm ``VisionTransformer``'s ``patch_drop`` slot.
+
+    Works for every timm model that has the slot and runs it after ``_pos_embed`` (ViT, DeiT,
+    distilled DeiT, DeiT-3, models with register tokens). Returns the installed layer.
+    """
+    if not hasattr(model, "patch_drop") or not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(
+            f"backbone: {type(model).__name__} has no `patch_drop` slot; PatchDropout supports "
+            "timm VisionTransformer models (ViT, DeiT) and SwinTransformer")
+    layer = PatchDropout(keep_rate, schedule, ordered, num_prefix_tokens=int(model.num_prefix_tokens))
+    model.patch_drop = layer
+    return layer
