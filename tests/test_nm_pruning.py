@@ -63,6 +63,8 @@ class Probe(Callback):
         self.step_masks.append({k: v.clone() for k, v in self.pruning.masks.items()})
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning",
+                            "ignore:You're resuming from a checkpoint that ended before:UserWarning")
 def test_one_shot_prunes_at_start_step_keeps_mask_and_survives_reload(tmp_path, data):
     model = tiny_model()
     callback = NMPruning(schedule="one_shot", patterns=["2:4"], start_step=2)
