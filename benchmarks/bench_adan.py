@@ -5,7 +5,8 @@ m, v, n, g_prev), AdamW 7 x 4. The floor is those bytes at the copy bandwidth me
 Parameters are laid out like a transformer (d x d, d x 4d matrices, biases and norms), with
 fixed random grads.
 
-    python benchmarks/bench_adan.py --device cpu     # 10M params: Adan foreach/single vs AdamW foreach
+    python benchmarks/bench_adan.py --device cpu     # 10M params: Adan foreach/single vs AdamW
+                                                     # foreach, interleaved (load-robust)
     python benchmarks/bench_adan.py --device cuda    # 100M params: + fused paths, floor, block sweep
 """
 
@@ -90,18 +91,34 @@ def bench(name: str, make_opt, total: int, d: int, device: str, iters: int) -> f
     return ms
 
 
+def interleaved_cpu(cases, total: int, d: int, iters: int, repeats: int):
+    """CPU timings taken round-robin (case 1, 2, 3, 1, 2, 3, ...), median per case, so that a
+    change in machine load hits every case alike."""
+    opts = [make(transformer_like(total, d, "cpu")) for _, _, make in cases]
+    for opt in opts:
+        opt.step()
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, opt in enumerate(opts):
+            times[i].append(time_steps(opt.step, "cpu", iters, repeats=1))
+    return [(name, key, statistics.median(t)) for (name, key, _), t in zip(cases, times)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--params", type=float, default=None,
                         help="number of parameters (default 10M on cpu, 100M on cuda)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the fused block sweep")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = device == "cuda"
     total = int(args.params or (100e6 if cuda else 10e6))
     d = 1024 if cuda else 512
-    iters = 50 if cuda else 5
+    iters = 50 if cuda else 3
     n_tensors = len(transformer_shapes(total, d))
 
     rows: list[tuple[str, str, float]] = []  # (name, bytes key, ms)
@@ -118,8 +135,11 @@ def main() -> None:
              lambda ps: Adan(ps, weight_decay=0.02, max_grad_norm=1.0, fused=True)),
             *cases,
         ]
-    for name, key, make in cases:
-        rows.append((name, key, bench(name, make, total, d, device, iters)))
+    if cuda:
+        for name, key, make in cases:
+            rows.append((name, key, bench(name, make, total, d, device, iters)))
+    else:
+        rows = interleaved_cpu(cases, total, d, iters, repeats=5)
 
     sweep = []
     if cuda and not args.no_sweep:
@@ -137,7 +157,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nAdan step time, {total / 1e6:.1f}M fp32 params in {n_tensors} tensors "
           f"(transformer blocks, d={d}), {where}, torch {torch.__version__}")
-    print(f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s -> floors: "
+    print(f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floors: "
           + ", ".join(f"{k} {v} B/param = {v * total / bandwidth * 1e3:.3f} ms"
                       for k, v in BYTES_PER_PARAM.items()))
     base_name, _, base_ms = rows[0]

@@ -178,7 +178,11 @@ def adan_fused(plan: FusedPlan, tensors: list[list[torch.Tensor]], *, beta1: flo
     step_size = lr / (1.0 - beta1 ** step)
     step_size_diff = lr * beta2 / (1.0 - beta2 ** step)
     bias_correction3_sqrt = (1.0 - beta3 ** step) ** 0.5
-    decay_mul, decay_div = (1.0 - lr * weight_decay, 1.0) if no_prox else (1.0, 1.0 + lr * weight_decay)
+    # no_prox: p = p (1 - lr wd) - update; otherwise p = (p - update) / (1 + lr wd).
+    if no_prox:
+        decay_mul, decay_div = 1.0 - lr * weight_decay, 1.0
+    else:
+        decay_mul, decay_div = 1.0, 1.0 + lr * weight_decay
     witness = tensors[0][0]
     table = plan.update_table(tensors)
     clip_arg = clip if clip is not None else witness
