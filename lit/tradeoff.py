@@ -24,6 +24,7 @@ import argparse
 import csv
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,18 +175,19 @@ def run_one(args, model_name: str, keep_rate: float, resolution: int) -> list[Po
                       callbacks=[evaluator])
     print(f"run {name}: {params / 1e6:.2f}M parameters", flush=True)
     clock.start = clock.now()
-    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    with warnings.catch_warnings():  # validation runs in the callback, not in Lightning's loop
+        warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`")
+        trainer.fit(model, train_dataloaders=data.train_dataloader())
     if evaluator.points:
         data.setup("test")
-        test_batches = list(data.test_dataloader())
-        if args.test_images:
-            test_batches = _first_images(test_batches, args.test_images)
+        test_batches = _first_images(data.test_dataloader(), args.test_images or len(data.test_set))
         test_acc = accuracy(model.to(device), test_batches, device)
         evaluator.points[-1].test_acc = round(test_acc, 4)
     return evaluator.points
 
 
-def _first_images(batches: list, limit: int) -> list:
+def _first_images(batches, limit: int) -> list:
+    """The first ``limit`` images of an iterable of batches (stops reading after them)."""
     out, seen = [], 0
     for images, labels in batches:
         if seen >= limit:

@@ -175,3 +175,20 @@ def test_bad_configuration_names_the_field() -> None:
         ImageClassifier(keep_rate=1.5)
     with pytest.raises(ValueError, match="keep_rate_schedule"):
         ImageClassifier(keep_rate_schedule="sometimes")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_deit_matches_timm_in_eval_and_trains() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", num_classes=10).to(device)
+    reference = timm.create_model("deit_small_patch16_224", num_classes=10).to(device)
+    reference.load_state_dict(model.state_dict())
+    layer = install_patch_dropout(model, keep_rate=0.5)
+    images = torch.randn(16, 3, 224, 224, device=device)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), reference.eval()(images))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.train()(images).float().logsumexp(-1).mean()
+    loss.backward()
+    assert layer.last_tokens == 98 and layer.last_indices.device.type == "cuda"
