@@ -202,10 +202,10 @@ class Adan(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
+        # Check before adding, so that a rejected group leaves the optimizer as it was.
+        _check_group({**self.defaults, **param_group}, f"param_groups[{len(self.param_groups)}].")
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group.setdefault("step", 0)
-        _check_group(group, f"param_groups[{len(self.param_groups) - 1}].")
+        self.param_groups[-1].setdefault("step", 0)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
