@@ -3,7 +3,7 @@
 Text lines are ``label \\t int_0 .. int_12 \\t cat_0 .. cat_25``: a 0/1 label, 13 integer
 counts and 26 categorical ids as hex strings; any field but the label may be empty (missing ->
 0). Dense features become ``log(1 + max(x, 0))``; categorical ids are hashed into
-``num_embeddings`` rows by modulo (torchrec's ``criteo.py`` layout, without its per-file minimum
+``hash_size`` rows by modulo (torchrec's ``criteo.py`` layout, without its per-file minimum
 shift of the dense values). Binary files are torchrec's preprocessed ``day_N_{dense,sparse,labels}.npy``
 (dense already log-transformed by torchrec's script: taken as stored; sparse ids hashed here).
 
@@ -238,8 +238,8 @@ class CriteoTSV(LightningDataModule):
         train_files, val_files, test_files: files of each split, read in order; a split is
             all text or all ``*_dense.npy`` (naming torchrec's three files by the dense one).
         batch_size: samples per batch (per device).
-        num_embeddings: hash size: categorical ids are taken modulo this (one int, or one per
-            feature); also the cardinality the model caps its tables (V) at.
+        hash_size: categorical ids are taken modulo this (one int, or one per feature); also
+            the cardinality the model caps its tables (V, ``num_embeddings``) at.
         train_samples: the sample budget (single epoch: the first N lines, each seen once);
             ``None`` reads every training line.
         val_samples, test_samples: read only this many evaluation lines (``None`` = all).
@@ -254,7 +254,7 @@ class CriteoTSV(LightningDataModule):
         val_files: list[str] | None = None,
         test_files: list[str] | None = None,
         batch_size: int = 2048,
-        num_embeddings: int | list[int] = 40_000_000,
+        hash_size: int | list[int] = 40_000_000,
         train_samples: int | None = None,
         val_samples: int | None = None,
         test_samples: int | None = None,
@@ -266,9 +266,9 @@ class CriteoTSV(LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if on_malformed not in ("error", "count"):
             raise ValueError(f"on_malformed must be 'error' or 'count', got {on_malformed!r}")
-        sizes = [num_embeddings] * NUM_CAT if isinstance(num_embeddings, int) else list(num_embeddings)
+        sizes = [hash_size] * NUM_CAT if isinstance(hash_size, int) else list(hash_size)
         if len(sizes) != NUM_CAT or any(s < 1 for s in sizes):
-            raise ValueError(f"num_embeddings must be an int >= 1 or {NUM_CAT} of them, got {num_embeddings!r}")
+            raise ValueError(f"hash_size must be an int >= 1 or {NUM_CAT} of them, got {hash_size!r}")
         self.save_hyperparameters()
         self.files = {"train": list(train_files), "val": list(val_files or []),
                       "test": list(test_files or [])}

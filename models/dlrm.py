@@ -87,8 +87,9 @@ class DLRMModule(LitModule):
         embedding_lr, embedding_eps, embedding_weight_decay: its settings.
         sharding_types: sharding types the torchrec planner may choose (default table-, row-
             or column-wise).
-        num_dense_features, sparse_feature_names, cardinalities: the schema, when not taken
-            from the datamodule.
+        num_dense_features, sparse_feature_names, sparse_cardinalities: the schema, when not
+            taken from the datamodule (names differ from the datamodules' own so that
+            Lightning can merge both into one set of logged hyperparameters).
         auroc_thresholds: ``None`` = exact AUROC; an int bins predictions (constant memory).
         optimizer: the dense layers' optimizer (any torch optimizer, or ``lit.optim.Adan``).
         lr_scheduler, lr_scheduler_interval: see :class:`lit.module.LitModule`; the scheduler
@@ -112,7 +113,7 @@ class DLRMModule(LitModule):
         sharding_types: list[ShardingTypeName] | None = None,
         num_dense_features: int | None = None,
         sparse_feature_names: list[str] | None = None,
-        cardinalities: list[int] | None = None,
+        sparse_cardinalities: list[int] | None = None,
         auroc_thresholds: int | None = None,
         optimizer: OptimizerCallable = default_dense_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -122,17 +123,17 @@ class DLRMModule(LitModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False  # the tables update inside backward
         given = [num_dense_features is not None, sparse_feature_names is not None,
-                 cardinalities is not None]
+                 sparse_cardinalities is not None]
         if any(given) and not all(given):
-            raise ValueError("num_dense_features, sparse_feature_names, cardinalities: give all "
-                             "three or none (then the datamodule's schema is used)")
+            raise ValueError("num_dense_features, sparse_feature_names, sparse_cardinalities: give "
+                             "all three or none (then the datamodule's schema is used)")
         self.schema: CTRSchema | None = None
         if all(given):
-            if len(sparse_feature_names) != len(cardinalities):
-                raise ValueError(f"cardinalities: {len(cardinalities)} values for "
+            if len(sparse_feature_names) != len(sparse_cardinalities):
+                raise ValueError(f"sparse_cardinalities: {len(sparse_cardinalities)} values for "
                                  f"{len(sparse_feature_names)} sparse_feature_names")
             self.schema = CTRSchema(num_dense_features, tuple(sparse_feature_names),
-                                    tuple(cardinalities))
+                                    tuple(sparse_cardinalities))
             self.shape = self._shape(self.schema)  # validate the knobs now
         self.model: nn.Module | None = None
         self.val_metrics = CTRMetrics(auroc_thresholds)
@@ -157,7 +158,7 @@ class DLRMModule(LitModule):
         if schema is None:
             raise ValueError("DLRMModule: no feature schema; use a CTR datamodule (CriteoTSV, "
                              "SyntheticCTR, MovieLens100K) or give num_dense_features, "
-                             "sparse_feature_names and cardinalities")
+                             "sparse_feature_names and sparse_cardinalities")
         self.schema = schema
         return schema
 

@@ -116,7 +116,7 @@ def test_sharding_no_duplicates_no_losses(tmp_path, monkeypatch, world, workers,
 def test_dataloader_workers_split_lines(tmp_path):
     path = tmp_path / "a.tsv"
     write_lines(path, 50)
-    dm = CriteoTSV(train_files=[str(path)], batch_size=8, num_embeddings=100, num_workers=2)
+    dm = CriteoTSV(train_files=[str(path)], batch_size=8, hash_size=100, num_workers=2)
     seen = [i for b in dm.train_dataloader() for i in b.indices.tolist()]
     assert sorted(seen) == list(range(48))  # 6 whole batches, each line once
 
@@ -129,7 +129,7 @@ def test_npy_layout(tmp_path):
         np.save(tmp_path / f"{day}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
     dm = CriteoTSV(train_files=[str(tmp_path / "day_0_dense.npy")],
                    val_files=[str(tmp_path / f"day_{d}_dense.npy") for d in (0, 1)],
-                   batch_size=8, num_embeddings=1000)
+                   batch_size=8, hash_size=1000)
     batches = list(dm.val_dataloader())
     assert sum(len(b.labels) for b in batches) == 33
     sparse = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in (0, 1)])
@@ -142,5 +142,5 @@ def test_npy_layout(tmp_path):
 def test_bad_settings(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_files"):
         CriteoTSV(train_files=[str(tmp_path / "missing.tsv")])
-    with pytest.raises(ValueError, match="num_embeddings"):
-        CriteoTSV(train_files=[], num_embeddings=[10, 20])
+    with pytest.raises(ValueError, match="hash_size"):
+        CriteoTSV(train_files=[], hash_size=[10, 20])

@@ -80,7 +80,7 @@ def test_fused_rowwise_adagrad_matches_float64_rederivation():
     module = DLRMModule(**{**TINY, "num_embeddings": 100}, embedding_lr=lr, embedding_eps=eps,
                         num_dense_features=3,
                         sparse_feature_names=list(dm.schema.sparse_names),
-                        cardinalities=list(dm.schema.cardinalities))
+                        sparse_cardinalities=list(dm.schema.cardinalities))
     module.configure_model()
     optimizer = module.configure_optimizers()
     batch = next(iter(dm.train_dataloader()))
@@ -161,7 +161,7 @@ def test_trainer_on_movielens_and_criteo(tmp_path):
     path = tmp_path / "day.tsv"
     write_lines(path, 300)
     criteo = CriteoTSV(train_files=[str(path)], val_files=[str(path)], batch_size=64,
-                       num_embeddings=1000)
+                       hash_size=1000)
     trainer = tiny_trainer(tmp_path)
     trainer.fit(DLRMModule(**TINY), criteo)
     assert trainer.global_step == 4
@@ -209,3 +209,32 @@ def test_configs_parse(config, capsys):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "models.DLRMModule" in out and "embedding_dim" in out
+
+
+def test_cli_fit_with_logger_and_eval_at_samples(tmp_path):
+    """The synthetic config end to end through the CLI, TensorBoard logging on, small sizes."""
+    from lit.cli import main
+
+    main(["fit", "--config", "configs/dlrm/synthetic.yaml",
+          f"--trainer.default_root_dir={tmp_path}",
+          f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+          "--trainer.callbacks=[{class_path: lit.recsys.single_epoch.EvalAtSamples, "
+          "init_args: {at_samples: [256, 512]}}]",
+          "--trainer.enable_progress_bar=false",
+          "--model.init_args.embedding_dim=8", "--model.init_args.num_embeddings=64",
+          "--model.init_args.dense_arch_layer_sizes=[16]",
+          "--model.init_args.over_arch_layer_sizes=[16]",
+          "--data.init_args.batch_size=128", "--data.init_args.train_samples=512",
+          "--data.init_args.val_samples=256", "--data.init_args.test_samples=256",
+          "--data.init_args.cardinalities=[100, 50, 7]", "--data.init_args.num_dense=3"])
+    events = list((tmp_path / "runs").rglob("events.out.tfevents*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"eval_at/logloss", "train/progressive_loss", "val/auroc", "test/ne"} <= tags
+    assert list(tmp_path.rglob("last.ckpt"))

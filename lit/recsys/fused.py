@@ -137,21 +137,68 @@ def to_plain(value):
     if isinstance(value, DTensor):
         return value.full_tensor().detach().cpu()
     if isinstance(value, ShardedTensor):
-        world = dist.get_world_size() if dist.is_initialized() else 1
         local = value.local_shards()
-        dtype = local[0].tensor.dtype if local else torch.float32
+        dtype = local[0].tensor.dtype if local else value.metadata().tensor_properties.dtype
+        world = dist.get_world_size() if dist.is_initialized() else 1
         if world == 1:
             full = torch.empty(value.size(), dtype=dtype)
             for shard in local:
                 full[_slices(shard.metadata)] = shard.tensor.detach().cpu()
             return full
-        full = torch.empty(value.size(), dtype=dtype, device=local[0].tensor.device) \
-            if dist.get_rank() == 0 else None
-        value.gather(dst=0, out=full)
-        return full.cpu() if full is not None else torch.empty(0)
+        # Shards are disjoint: each rank writes its own into zeros and a sum on rank 0 gives the
+        # whole tensor (one collective, any backend, ranks without shards included).
+        device = _collective_device()
+        full = torch.zeros(value.size(), dtype=dtype, device=device)
+        for shard in local:
+            full[_slices(shard.metadata)] = shard.tensor.detach().to(device)
+        dist.reduce(full, dst=0)
+        return full.cpu() if dist.get_rank() == 0 else torch.empty(0)
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     return value
+
+
+def gather_keyed_state(state: dict[str, dict]) -> dict[str, dict]:
+    """Plain full tensors of a keyed optimizer state whose keys differ between ranks.
+
+    A fused optimizer holds state only for the tables with shards on its rank, so the ranks
+    first agree on the union of keys (with shapes), then reduce each tensor in the same order.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return to_plain(state)
+    shapes = {key: {name: (tuple(v.size()), _dtype_of(v)) for name, v in d.items()
+                    if isinstance(v, torch.Tensor)} for key, d in state.items()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, shapes)
+    merged: dict[str, dict] = {}
+    for part in everyone:
+        for key, names in part.items():
+            merged.setdefault(key, {}).update(names)
+    device, rank = _collective_device(), dist.get_rank()
+    out: dict[str, dict] = {}
+    for key in sorted(merged):
+        for name in sorted(merged[key]):
+            size, dtype = merged[key][name]
+            full = torch.zeros(size, dtype=dtype, device=device)
+            value = state.get(key, {}).get(name)
+            if is_sharded(value):
+                for shard in value.local_shards():
+                    full[_slices(shard.metadata)] = shard.tensor.detach().to(device)
+            elif isinstance(value, torch.Tensor) and rank == 0:  # replicated: count it once
+                full.copy_(value.detach())
+            dist.reduce(full, dst=0)
+            out.setdefault(key, {})[name] = full.cpu() if rank == 0 else torch.empty(0)
+    return out
+
+
+def _dtype_of(value) -> torch.dtype:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(value, ShardedTensor):
+        return value.metadata().tensor_properties.dtype
+    return value.dtype
 
 
 def copy_plain_into(target, plain: torch.Tensor) -> None:
@@ -179,6 +226,14 @@ def is_sharded(value) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, (ShardedTensor, DTensor))
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _slices(metadata) -> tuple[slice, ...]:
@@ -213,7 +268,7 @@ def _fused_dense_class():
 
         def state_dict(self) -> dict:
             return {
-                "fused": to_plain(self.fused.state_dict()["state"]),
+                "fused": gather_keyed_state(self.fused.state_dict()["state"]),
                 "fused_lr": [group["lr"] for group in self.fused.param_groups],
                 "dense": self.dense_optimizer.state_dict(),
             }
@@ -225,7 +280,7 @@ def _fused_dense_class():
                                  f"{sorted(state_dict)!r}")
             current = self.fused.state_dict()["state"]
             saved = state_dict["fused"]
-            if set(current) != set(saved):
+            if set(current) - set(saved):  # a rank holds only its own tables' state
                 raise ValueError(f"optimizer state: embedding tables {sorted(saved)} in the "
                                  f"checkpoint, {sorted(current)} in the model")
             for key, states in current.items():
