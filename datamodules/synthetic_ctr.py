@@ -60,10 +60,19 @@ class Teacher:
         self._signal, self._base_rate = signal, base_rate
 
     def calibrate(self, dense: np.ndarray, ids: np.ndarray) -> None:
-        raw = self.raw_logit(dense, ids)
+        """Scale the logit to spread ``signal`` and shift it so the mean click probability on
+        the pilot sample is ``base_rate`` (bisection: the mean is monotone in the shift)."""
+        raw = self.raw_logit(dense, ids).astype(np.float64)
         self.scale = self._signal / max(float(raw.std()), 1e-6)
-        rate = min(max(self._base_rate, 1e-4), 1 - 1e-4)
-        self.shift = math.log(rate / (1 - rate)) - self.scale * float(raw.mean())
+        z = self.scale * (raw - raw.mean())
+        lo, hi = -30.0, 30.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if np.mean(1.0 / (1.0 + np.exp(-(z + mid)))) < self._base_rate:
+                lo = mid
+            else:
+                hi = mid
+        self.shift = 0.5 * (lo + hi) - self.scale * float(raw.mean())
 
     def raw_logit(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
         embedded = [table[ids[:, f]] for f, table in enumerate(self.tables)]

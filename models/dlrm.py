@@ -120,6 +120,11 @@ class DLRMModule(LitModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, monitor="val/logloss")
+        if embedding_optimizer not in ("row_wise_adagrad", "adagrad", "sgd", "adam"):
+            raise ValueError(f"embedding_optimizer must be row_wise_adagrad, adagrad, sgd or adam, "
+                             f"got {embedding_optimizer!r}")
+        if embedding_lr <= 0:
+            raise ValueError(f"embedding_lr must be > 0, got {embedding_lr!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False  # the tables update inside backward
         given = [num_dense_features is not None, sparse_feature_names is not None,

@@ -49,6 +49,20 @@ def test_bad_knobs():
         dlrm_shape([10], 3, 4, 4, [6], [5], width_multiplier=0)
     with pytest.raises(ValueError, match="give all three"):
         DLRMModule(num_dense_features=3)
+    with pytest.raises(ValueError, match="embedding_optimizer"):
+        DLRMModule(embedding_optimizer="lamb")
+
+
+def test_fold_ids_is_modulo_per_feature():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    # Two features, batch of 3; feature a has bags of 1, 2, 0 ids, feature b of 1, 1, 1.
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.tensor([7, 12, 3, 9, 10, 25]),
+        lengths=torch.tensor([1, 2, 0, 1, 1, 1], dtype=torch.int32))
+    folded = fold_ids(kjt, torch.tensor([5, 10]))
+    assert folded.values().tolist() == [7 % 5, 12 % 5, 3 % 5, 9 % 10, 10 % 10, 25 % 10]
+    assert folded.lengths().tolist() == [1, 2, 0, 1, 1, 1]
 
 
 def test_ctr_metrics_against_sklearn():

@@ -47,7 +47,7 @@ def test_teacher_labels_and_achievable_loss():
     dm = SyntheticCTR(batch_size=4096, train_samples=4096, base_rate=0.25, **SMALL)
     batch = next(iter(dm.val_dataloader()))
     rate = float(batch.labels.mean())
-    assert 0.15 < rate < 0.35
+    assert rate == pytest.approx(0.25, abs=0.03)  # calibrated on a pilot sample
     achievable = dm.achievable_logloss("val")
     # The teacher knows more than the base rate: its loss is below the base rate's entropy.
     assert 0.1 < achievable < binary_entropy(rate) - 0.05
