@@ -58,6 +58,13 @@ def test_two_process_gloo_fit_shards_tables_and_samples(tmp_path):
     assert ckpts
     import torch
 
-    state = torch.load(ckpts[0], weights_only=True)["state_dict"]
-    # Tables gathered whole from both ranks into the plain-tensor checkpoint.
-    assert state["model.sparse_arch.embedding_bag_collection.embedding_bags.t_cat_3.weight"].shape == (64, 8)
+    saved = torch.load(ckpts[0], weights_only=True)
+    # Tables gathered whole from both ranks into the plain-tensor checkpoint, fused state too.
+    key = "sparse_arch.embedding_bag_collection.embedding_bags.t_cat_3.weight"
+    assert saved["state_dict"][f"model.{key}"].shape == (64, 8)
+    assert saved["optimizer_states"][0]["fused"][key]["t_cat_3.momentum1"].abs().sum() > 0
+    # Resume in 2 processes: each rank copies its own shards back from the full tensors.
+    proc = run_lit(cli_args("fit", "--config", str(path), "--trainer.max_epochs=2",
+                            f"--ckpt_path={ckpts[0]}", tmp_path=tmp_path / "resumed"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
