@@ -67,7 +67,7 @@ def check_nm(model: BertClassifier, n: int, m: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dense-steps", type=int, default=287, help="dense fine-tuning steps (287 = 1 epoch)")
+    parser.add_argument("--dense-steps", type=int, default=279, help="dense fine-tuning steps (279 = 1 epoch)")
     parser.add_argument("--sparse-steps", type=int, default=100, help="fine-tuning steps per sparse run/stage")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--sparse-lr", type=float, default=5e-5)
     parser.add_argument("--update-every", type=int, default=20)
     parser.add_argument("--max-samples", type=int, default=None, help="stratified subset (dry runs)")
+    parser.add_argument("--dense-ckpt", default=None, help="reuse this dense checkpoint (skips dense training)")
+    parser.add_argument("--skip-inherited", action="store_true")
     parser.add_argument("--freeze-embeddings", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     parser.add_argument("--workdir", default="runs/bert_nm_quality")
@@ -100,18 +102,21 @@ def main() -> None:
 
     # 1. dense fine-tuning
     dense_ckpt = root / "dense.ckpt"
-    model = make_model(args, None, args.lr, 0.1)
-    t = time.time()
-    tr = trainer(root / "dense", args.dense_steps, 1, [])
-    tr.fit(model, dm)
-    tr.save_checkpoint(dense_ckpt)
-    record("dense", test_acc(model, dm), args.dense_steps, time.time() - t, None)
+    if args.dense_ckpt is None:
+        model = make_model(args, None, args.lr, 0.1)
+        t = time.time()
+        tr = trainer(root / "dense", args.dense_steps, 1, [])
+        tr.fit(model, dm)
+        tr.save_checkpoint(dense_ckpt)
+        record("dense", test_acc(model, dm), args.dense_steps, time.time() - t, None)
 
-    # 2a. 2:4 one-shot without fine-tuning (magnitude pruning of the dense model)
-    with torch.no_grad():
-        for layer in select_linears(model, INCLUDE).values():
-            layer.weight.mul_(nm_mask(layer.weight, 2, 4))
-    record("2:4 one-shot, no fine-tune", test_acc(model, dm), 0, 0.0, check_nm(model, 2, 4))
+        # 2a. 2:4 one-shot without fine-tuning (magnitude pruning of the dense model)
+        with torch.no_grad():
+            for layer in select_linears(model, INCLUDE).values():
+                layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+        record("2:4 one-shot, no fine-tune", test_acc(model, dm), 0, 0.0, check_nm(model, 2, 4))
+    else:
+        dense_ckpt = Path(args.dense_ckpt)
 
     # 2b/3. 2:4 one-shot + fine-tune, 2:4 dynamic: same start (dense) and budget
     for name, callback in (
@@ -123,6 +128,15 @@ def main() -> None:
         t = time.time()
         trainer(root / name.split()[1], args.sparse_steps, 1, [callback]).fit(model, dm)
         record(name, test_acc(model, dm), args.sparse_steps, time.time() - t, check_nm(model, 2, 4))
+        if callback.dense:  # how far the dynamic mask moved from the one-shot mask of the dense model
+            dense_net = make_model(args, str(dense_ckpt), args.sparse_lr, 0.0)
+            start = {k: nm_mask(v.weight, 2, 4) for k, v in select_linears(dense_net, INCLUDE).items()}
+            moved = sum(int((start[k] != callback.masks[k].cpu()).sum()) for k in start)
+            print(f"[quality] dynamic masks: {moved / sum(v.numel() for v in start.values()):.4%} of entries "
+                  f"differ from the one-shot mask", flush=True)
+
+    if args.skip_inherited:
+        return
 
     # 4. inherited 4:8 -> 2:4 -> 1:4 (IDP), a stage = one epoch of --sparse-steps steps
     L.seed_everything(0)
