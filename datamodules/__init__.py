@@ -1,6 +1,6 @@
 """LightningDataModules, imported on first use (see ``models/__init__.py``)."""
 
-from importlib import import_module
+from lit.lazy import lazy_getattr
 
 _LAZY = {
     "FashionMNIST": "datamodules.fashion_mnist",
@@ -13,8 +13,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+__getattr__ = lazy_getattr("datamodules", _LAZY)

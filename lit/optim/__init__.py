@@ -1,6 +1,6 @@
 """Optimizers usable from the CLI (``--optimizer Adan``) and YAML (``class_path: lit.optim.Adan``)."""
 
-from importlib import import_module
+from lit.lazy import lazy_getattr
 
 _LAZY = {
     "Adan": "lit.optim.adan",
@@ -8,8 +8,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lit.optim' has no attribute {name!r}")
+__getattr__ = lazy_getattr("lit.optim", _LAZY)

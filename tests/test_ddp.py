@@ -1,0 +1,60 @@
+"""Multi-process (DDP) runs on the CPU with the gloo backend, 2 processes: metric reduction is
+exact (a 2-process validation equals the 1-process one), and the BERT family trains under DDP
+with N:M masks intact on every rank. The DLRM family's 2-process test (torchrec sharding under
+Lightning) is in tests/test_dlrm_ddp.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit.sparsity import is_nm_sparse
+from tests.conftest import CONFIGS, needs_fmnist, run_lit
+
+DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+
+
+def _metric(output: str, name: str) -> float:
+    # Lightning's results table: "│  val/acc  │  0.8123...  │"
+    match = re.search(rf"{re.escape(name)}\s*│\s*([0-9.]+)", output)
+    assert match, f"{name} not printed:\n{output[-2000:]}"
+    return float(match.group(1))
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_two_process_validation_equals_one_process(tmp_path: Path) -> None:
+    """5,000 validation images split 2,500 per rank (no padding): accuracy and loss reduced over
+    both ranks must equal a single process's over all 5,000."""
+    quickstart = str(CONFIGS / "quickstart.yaml")
+    proc = run_lit(["fit", "--config", quickstart, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                    "--trainer.max_steps=20", "--trainer.limit_val_batches=0",
+                    "--test_after_fit=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    common = ["validate", "--config", quickstart, f"--ckpt_path={ckpt}", "--trainer.logger=false",
+              "--data.init_args.batch_size=100"]
+    single = run_lit([*common, f"--trainer.default_root_dir={tmp_path / 'one'}"])
+    double = run_lit([*common, *DDP, f"--trainer.default_root_dir={tmp_path / 'two'}"])
+    assert single.returncode == 0 and double.returncode == 0, double.stderr[-3000:]
+    one_acc, two_acc = _metric(single.stdout, "val/acc"), _metric(double.stdout, "val/acc")
+    assert 0.3 < one_acc < 1.0
+    assert two_acc == pytest.approx(one_acc, abs=1e-6)
+    # Equal batch sizes on both ranks, so the mean of per-rank mean losses is the global mean.
+    assert _metric(double.stdout, "val/loss") == pytest.approx(_metric(single.stdout, "val/loss"),
+                                                               abs=1e-5)
+
+
+def test_bert_two_process_ddp_keeps_masks(tmp_path: Path) -> None:
+    proc = run_lit(["fit", "--config", str(CONFIGS / "bert" / "tiny_smoke.yaml"), *DDP,
+                    f"--trainer.logger.init_args.save_dir={tmp_path}",
+                    "--trainer.limit_test_batches=2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    ckpt = tmp_path / "bert_tiny_smoke" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    pruned = [k for k in state if ".encoder." in k and k.endswith(".weight") and state[k].ndim == 2]
+    assert pruned and all(is_nm_sparse(state[k], 2, 4) for k in pruned)
