@@ -51,9 +51,10 @@ def test_two_process_validation_equals_one_process(tmp_path: Path) -> None:
 def test_bert_two_process_ddp_keeps_masks(tmp_path: Path) -> None:
     proc = run_lit(["fit", "--config", str(CONFIGS / "bert" / "tiny_smoke.yaml"), *DDP,
                     f"--trainer.logger.init_args.save_dir={tmp_path}",
-                    "--trainer.limit_test_batches=2"], timeout=300)
+                    "--trainer.max_epochs=2", "--trainer.limit_test_batches=2"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    # Each rank runs half the steps of one process: 2 epochs reach the pruning step (3).
     ckpt = tmp_path / "bert_tiny_smoke" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     pruned = [k for k in state if ".encoder." in k and k.endswith(".weight") and state[k].ndim == 2]
