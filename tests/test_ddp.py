@@ -41,7 +41,7 @@ def test_two_process_validation_equals_one_process(tmp_path: Path) -> None:
     double = run_lit([*common, *DDP, f"--trainer.default_root_dir={tmp_path / 'two'}"])
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-3000:]
     one_acc, two_acc = _metric(single.stdout, "val/acc"), _metric(double.stdout, "val/acc")
-    assert 0.3 < one_acc < 1.0
+    assert 0.15 < one_acc < 1.0  # trained past chance (0.1) after 20 warm-up steps
     assert two_acc == pytest.approx(one_acc, abs=1e-6)
     # Equal batch sizes on both ranks, so the mean of per-rank mean losses is the global mean.
     assert _metric(double.stdout, "val/loss") == pytest.approx(_metric(single.stdout, "val/loss"),
