@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.idx import read_idx
+from datamodules.splits import SplitDataModule
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = (
@@ -70,7 +70,7 @@ class ImageTensorDataset(Dataset):
         return image, self.labels[index]
 
 
-class FashionMNIST(LightningDataModule):
+class FashionMNIST(SplitDataModule):
     """Fashion-MNIST: 60k train images split into train/val by seed, the official 10k as test.
 
     Args:
@@ -137,24 +137,3 @@ class FashionMNIST(LightningDataModule):
     def _dataset(images, labels, transforms) -> ImageTensorDataset:
         return ImageTensorDataset(images, labels, MEAN, STD, transforms)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from datamodules.splits import SplitDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,7 +44,7 @@ class TransformedSubset(Dataset):
         return self.transform(image), label
 
 
-class ImageFolder(LightningDataModule):
+class ImageFolder(SplitDataModule):
     """Image classification from class folders, any image sizes.
 
     Args:
@@ -193,22 +194,6 @@ class ImageFolder(LightningDataModule):
         else:
             self.test_set = self.val_set
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > self.batch_size,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 def _load(path: str, mode: str):
