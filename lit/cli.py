@@ -15,6 +15,7 @@ What it adds to Lightning's CLI:
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 from jsonargparse import Namespace
@@ -82,6 +83,13 @@ class LitCLI(LightningCLI):
         )
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(qualify_short_names(sys.argv[1:] if args is None else args))
+
+    @override
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """Hand ``--optimizer``/``--lr_scheduler`` to LitModule models as callables.
 
@@ -116,6 +124,37 @@ class LitCLI(LightningCLI):
             last = getattr(ckpt, "last_model_path", "") or ckpt.best_model_path
             if last:
                 rank_zero_info(f"[lit] checkpoint: {last}")
+
+
+def qualify_short_names(args: list[str]) -> list[str]:
+    """``--optimizer SGD`` -> ``--optimizer torch.optim.SGD`` (likewise ``--lr_scheduler``).
+
+    jsonargparse resolves a short name among all imported subclasses; once torchrec is imported
+    (by a DLRM config) ``SGD``, ``Adam`` and ``Adagrad`` also exist in ``torchrec.optim`` and the
+    short name becomes ambiguous. torch's own classes, then ours (``Adan``, ``WarmupDecay``), win.
+    """
+    import torch
+
+    import lit.optim
+    import lit.schedulers
+
+    homes = {"--optimizer": (torch.optim, lit.optim),
+             "--lr_scheduler": (torch.optim.lr_scheduler, lit.schedulers)}
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        at = i if eq else i + 1
+        if flag not in homes or at >= len(out):
+            continue
+        value = value if eq else out[at]
+        if not value.isidentifier():  # already a class path, or a dict/JSON value
+            continue
+        for module in homes[flag]:
+            if isinstance(getattr(module, value, None), type):
+                qualified = f"{module.__name__}.{value}"
+                out[at] = f"{flag}={qualified}" if eq else qualified
+                break
+    return out
 
 
 def _as_dict(init: Namespace | dict) -> dict:

@@ -80,8 +80,13 @@ class LitModule(LightningModule):
         """Parameters (or param groups) handed to the optimizer; override to customise."""
         return decay_groups(self)
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over :meth:`optimizer_groups`; override to wrap it (a DLRM
+        combines it with the embedding tables' fused optimizer)."""
+        return self.optimizer(self.optimizer_groups())
+
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.optimizer_groups())
+        optimizer = self.build_optimizer()
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

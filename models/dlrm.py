@@ -209,17 +209,12 @@ class DLRMModule(LitModule):
             (decay if param.ndim > 1 else no_decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def configure_optimizers(self):
+    def build_optimizer(self):
+        """The dense optimizer combined with the tables' fused one (torchrec's CombinedOptimizer);
+        the scheduler wiring is the base class's."""
         from lit.recsys.fused import make_fused_dense_optimizer
-        from lit.schedulers import WarmupDecay
 
-        optimizer = make_fused_dense_optimizer(self.model, self.optimizer(self.optimizer_groups()))
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        if isinstance(scheduler, WarmupDecay) and scheduler.total_steps is None:
-            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+        return make_fused_dense_optimizer(self.model, self.optimizer(self.optimizer_groups()))
 
     def on_fit_start(self) -> None:
         for logger in self.loggers:

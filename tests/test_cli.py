@@ -128,3 +128,21 @@ def test_bad_model_value_names_the_field(capsys) -> None:
     with pytest.raises(ValueError, match="keep_rate"):
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"),
               "--model.init_args.keep_rate", "1.5", "--trainer.logger", "false"])
+
+
+def test_short_optimizer_names_stay_torchs_after_torchrec_is_imported(capsys) -> None:
+    """torchrec.optim also defines SGD/Adam/Adagrad: short names must still mean torch's."""
+    import torchrec.optim  # noqa: F401
+
+    from lit.cli import qualify_short_names
+
+    assert qualify_short_names(["fit", "--optimizer", "SGD", "--lr_scheduler=StepLR"]) == [
+        "fit", "--optimizer", "torch.optim.SGD", "--lr_scheduler=torch.optim.lr_scheduler.StepLR"]
+    assert qualify_short_names(["--optimizer", "Adan", "--lr_scheduler", "WarmupDecay"]) == [
+        "--optimizer", "lit.optim.Adan", "--lr_scheduler", "lit.schedulers.WarmupDecay"]
+    assert qualify_short_names(["--optimizer", "my.pkg.Opt", "--optimizer.lr", "0.1"]) == [
+        "--optimizer", "my.pkg.Opt", "--optimizer.lr", "0.1"]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--optimizer", "Adagrad",
+              "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["optimizer"]["class_path"] == "torch.optim.Adagrad"
