@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 
 def make_batches(rows: int, batch_size: int, count: int, device: torch.device):
-    from datamodules.synthetic_ctr import SyntheticCTR
+    from datamodules.ctr.synthetic import SyntheticCTR
 
     dm = SyntheticCTR(batch_size=batch_size, train_samples=batch_size * count,
                       cardinalities=[rows] * 26, max_cardinality=rows, zipf_exponent=1.05)
@@ -38,9 +38,9 @@ def sync(device: torch.device) -> None:
 
 
 def raw_fused(module_kwargs: dict, schema, batches, warmup: int, device) -> float:
-    from lit.recsys.fused import make_fused_dense_optimizer, shard_with_fused_optimizer
-    from lit.recsys.sizing import dlrm_shape
-    from models.dlrm import build_dlrm
+    from models.dlrm.sharded import make_fused_dense_optimizer, shard_with_fused_optimizer
+    from models.dlrm.sizing import dlrm_shape
+    from models.dlrm.network import build_dlrm
 
     shape = dlrm_shape(schema.cardinalities, schema.num_dense, module_kwargs["num_embeddings"],
                        module_kwargs["embedding_dim"], module_kwargs["dense_arch_layer_sizes"],
@@ -64,7 +64,7 @@ def raw_fused(module_kwargs: dict, schema, batches, warmup: int, device) -> floa
 
 
 def _dense_params(dmp):
-    from lit.recsys.fused import dense_named_parameters
+    from models.dlrm.sharded import dense_named_parameters
 
     return dense_named_parameters(dmp).values()
 
@@ -78,7 +78,7 @@ def lightning_loop(module_kwargs: dict, schema, batches, warmup: int, device) ->
     from lightning.pytorch import Callback
     from torch.utils.data import DataLoader, IterableDataset
 
-    from models.dlrm import DLRMModule
+    from models.dlrm.module import DLRMModule
 
     class Listed(IterableDataset):
         def __iter__(self):
@@ -112,8 +112,8 @@ def lightning_loop(module_kwargs: dict, schema, batches, warmup: int, device) ->
 
 
 def dense_gradients(module_kwargs: dict, schema, batches, warmup: int, device) -> float:
-    from lit.recsys.sizing import dlrm_shape
-    from models.dlrm import build_dlrm
+    from models.dlrm.sizing import dlrm_shape
+    from models.dlrm.network import build_dlrm
 
     shape = dlrm_shape(schema.cardinalities, schema.num_dense, module_kwargs["num_embeddings"],
                        module_kwargs["embedding_dim"], module_kwargs["dense_arch_layer_sizes"],
@@ -134,8 +134,8 @@ def dense_gradients(module_kwargs: dict, schema, batches, warmup: int, device) -
 
 
 def reader_rates(batch_size: int, samples: int) -> dict[str, float]:
-    from datamodules.criteo import CriteoTSV
-    from datamodules.synthetic_ctr import SyntheticCTR
+    from datamodules.ctr.criteo import CriteoTSV
+    from datamodules.ctr.synthetic import SyntheticCTR
 
     rng = np.random.default_rng(0)
     out = {}

@@ -2,12 +2,12 @@
 
 Baseline: the same layer, dense bf16 ``F.linear`` (cuBLAS), in the same run. Weights are
 random (no trained BERT-base/large exists offline), pruned 2:4 along the input dimension with
-``lit.sparsity.nm_mask`` and compressed with ``torch.sparse.to_sparse_semi_structured``.
+``models.nm_sparsity.nm_mask`` and compressed with ``torch.sparse.to_sparse_semi_structured``.
 
 * per layer: the four GEMMs of a BERT encoder layer, ``(out, in)`` = fused QKV ``(3H, H)``,
   attention output ``(H, H)``, FFN in ``(4H, H)``, FFN out ``(H, 4H)``, at 4096 and 16384 tokens;
 * end to end: a randomly initialised ``BertModel`` (base: 12 x 768, large: 24 x 1024) in bf16,
-  every encoder Linear pruned 2:4 and exported with :func:`lit.sparsity.export_sparse_24`,
+  every encoder Linear pruned 2:4 and exported with :func:`models.nm_sparsity.export_sparse_24`,
   batches of 128-token sequences (32 x 128 = 4096 tokens, 128 x 128 = 16384 tokens).
 
     python benchmarks/bench_sparse24.py            # needs a CUDA GPU (sm80+, cuSPARSELt)
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lit.sparsity import export_sparse_24, nm_mask, select_linears  # noqa: E402
+from models.nm_sparsity import export_sparse_24, nm_mask, select_linears  # noqa: E402
 
 SHAPES = {"base": (768, 12, 12), "large": (1024, 24, 16)}  # hidden, layers, heads
 

@@ -33,7 +33,7 @@ from functools import partial  # noqa: E402
 from callbacks.nm_pruning import NMPruning  # noqa: E402
 from datamodules.text_classification import TextClassification  # noqa: E402
 from lit.schedulers import WarmupDecay  # noqa: E402
-from lit.sparsity import is_nm_sparse, nm_mask, select_linears  # noqa: E402
+from models.nm_sparsity import is_nm_sparse, nm_mask, select_linears  # noqa: E402
 from models.bert_classifier import BertClassifier  # noqa: E402
 
 INCLUDE = [r"encoder\.layer\.\d+\."]

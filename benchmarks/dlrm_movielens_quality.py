@@ -19,7 +19,7 @@ def one_hot_features(dm, split: str):
     """Sparse design matrix: one-hot ids (offset per feature), multi-hot genres, dense values."""
     from scipy.sparse import csr_matrix, hstack
 
-    from datamodules.movielens import SINGLE
+    from datamodules.ctr.movielens import SINGLE
 
     t, rows = dm.tables, dm.rows[split]
     n = len(rows)
@@ -54,7 +54,7 @@ def dlrm(dm, epochs: int, seed: int) -> dict[str, float]:
     import lightning as L
     import torch
 
-    from models.dlrm import DLRMModule
+    from models.dlrm.module import DLRMModule
 
     L.seed_everything(seed, verbose=False)
     model = DLRMModule(embedding_dim=16, num_embeddings=10_000, dense_arch_layer_sizes=[32],
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from datamodules.movielens import MovieLens100K
+    from datamodules.ctr.movielens import MovieLens100K
 
     dm = MovieLens100K(batch_size=256, seed=args.seed)
     t0 = time.perf_counter()

@@ -44,7 +44,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit.sparsity import check_nm, nm_mask, parse_pattern, select_linears, sparsity_report
+from lit.schedulers import plans_run_length
+from models.nm_sparsity import check_nm, nm_mask, parse_pattern, select_linears, sparsity_report
 
 # Every nn.Linear inside a BERT encoder layer: Q, K, V, attention output, FFN in and FFN out.
 # Embeddings, the pooler and the classifier are outside ``encoder.layer.<i>`` and stay dense.
@@ -247,19 +248,14 @@ class NMPruning(Callback):
         return changed / max(total, 1)
 
     def _set_schedule(self, trainer: Trainer, restart: bool) -> None:
-        """Give ``WarmupDecay`` schedules the length of one stage; restart them when asked."""
-        from lit.schedulers import WarmupDecay
-
+        """Give run-length-aware schedules the length of one stage; restart them when asked."""
         max_epochs = trainer.max_epochs or 1
         per_epoch = int(trainer.estimated_stepping_batches) / max_epochs
         steps = max(1, math.ceil(per_epoch * self.epochs_per_stage))
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if isinstance(scheduler, WarmupDecay):
-                if restart:
-                    scheduler.last_epoch = 0
-                scheduler.set_total_steps(steps)
-                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+            if plans_run_length(scheduler):
+                scheduler.plan(steps, restart=restart)
 
     def _finish_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n, m = self.pattern

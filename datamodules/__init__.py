@@ -6,9 +6,9 @@ _LAZY = {
     "FashionMNIST": "datamodules.fashion_mnist",
     "ImageFolder": "datamodules.image_folder",
     "TextClassification": "datamodules.text_classification",
-    "CriteoTSV": "datamodules.criteo",
-    "SyntheticCTR": "datamodules.synthetic_ctr",
-    "MovieLens100K": "datamodules.movielens",
+    "CriteoTSV": "datamodules.ctr.criteo",
+    "SyntheticCTR": "datamodules.ctr.synthetic",
+    "MovieLens100K": "datamodules.ctr.movielens",
 }
 
 __all__ = sorted(_LAZY)

@@ -15,7 +15,11 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
+
+from lit.schedulers import plans_run_length
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -90,14 +94,37 @@ class LitModule(LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
-        from lit.schedulers import WarmupDecay
-
         interval = self.lr_scheduler_interval
-        if isinstance(scheduler, WarmupDecay):
+        if plans_run_length(scheduler):
             interval = "step"
             if scheduler.total_steps is None:
-                scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+                scheduler.plan(int(self.trainer.estimated_stepping_batches), automatic=True)
         config = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @override
+    def on_train_start(self) -> None:
+        """After a resume, plan a Trainer-derived schedule again for the run's (new) length.
+
+        A checkpoint stores the schedule's old length: extending ``max_epochs`` on resume would
+        otherwise train at the end of the old schedule (lr 0 for a linear decay to 0).
+        """
+        total = int(self.trainer.estimated_stepping_batches)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if plans_run_length(scheduler) and scheduler.automatic_length \
+                    and scheduler.total_steps != total:
+                rank_zero_info(f"[lit] the run's length changed: {type(scheduler).__name__} "
+                               f"re-planned from {scheduler.total_steps} to {total} optimizer "
+                               f"steps, continuing at step {scheduler.last_epoch}")
+                scheduler.plan(total, automatic=True)
+
+    def step_schedulers(self, boundary: Literal["step", "epoch"]) -> None:
+        """Step the schedulers whose interval is ``boundary``: for modules that optimize manually
+        (Lightning steps them itself under automatic optimization)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == boundary and not isinstance(
+                    config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config.scheduler.step()

@@ -3,7 +3,11 @@
 ``WarmupDecay`` is linear warm-up followed by linear or cosine decay, the schedule of BERT
 fine-tuning and of DeiT/Swin training. When ``total_steps`` is omitted, :class:`lit.module.LitModule`
 fills it in from ``Trainer.estimated_stepping_batches``, so a YAML file need not repeat
-``max_epochs`` x batches.
+``max_epochs`` x batches, and plans it again when a resumed run is given a new length.
+
+The protocol, read in one place (:func:`plans_run_length`): a scheduler with a ``plan(total_steps,
+restart=False, automatic=False)`` method steps once per optimizer step and can be told the run's
+length; callers (the base module, :class:`callbacks.NMPruning`) use only that method.
 """
 
 from __future__ import annotations
@@ -47,17 +51,28 @@ class WarmupDecay(LambdaLR):
         self.warmup_steps = warmup_steps
         self.warmup_fraction = warmup_fraction
         self.total_steps = total_steps
+        self.automatic_length = False  # True once the length came from the Trainer, not the user
         self.decay = decay
         self.final_lr_fraction = final_lr_fraction
         super().__init__(optimizer, self.factor)
 
-    def set_total_steps(self, total_steps: int) -> None:
+    def plan(self, total_steps: int, restart: bool = False, automatic: bool = False) -> None:
+        """Set the schedule's length in optimizer steps (from step 0 again if ``restart``).
+
+        ``automatic`` marks a length derived from the Trainer (which the base module may plan
+        again on resume) rather than one given by the user or a callback. The current lr is
+        updated at once.
+        """
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+        if restart:
+            self.last_epoch = 0
         self.total_steps = total_steps
-        # Re-apply the factor for the current step now that the length is known.
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base_lr * self.factor(self.last_epoch)
+        self.automatic_length = automatic
+        lrs = [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
 
     def _warmup(self) -> int:
         if self.warmup_fraction is not None and self.total_steps is not None:
@@ -76,3 +91,8 @@ class WarmupDecay(LambdaLR):
         if self.decay == "linear":
             return end + (1.0 - end) * (1.0 - progress)
         return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def plans_run_length(scheduler: object) -> bool:
+    """Whether ``scheduler`` follows the run-length protocol (see the module docstring)."""
+    return callable(getattr(scheduler, "plan", None))

@@ -6,7 +6,7 @@ from lit.lazy import lazy_getattr
 _LAZY = {
     "ImageClassifier": "models.image_classifier",
     "BertClassifier": "models.bert_classifier",
-    "DLRMModule": "models.dlrm",
+    "DLRMModule": "models.dlrm.module",
 }
 
 __all__ = sorted(_LAZY)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit.sparsity import is_nm_sparse
+from models.nm_sparsity import is_nm_sparse
 from tests.conftest import CONFIGS, needs_fmnist, run_lit
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]

@@ -80,7 +80,7 @@ def test_cli_smoke_fit_prunes_and_tests(tmp_path):
     assert "test/acc" in out
     ckpt = next(tmp_path.rglob("last.ckpt"))
     state = torch.load(ckpt, weights_only=False)["state_dict"]
-    from lit.sparsity import is_nm_sparse
+    from models.nm_sparsity import is_nm_sparse
 
     pruned = [v for k, v in state.items() if ".encoder.layer." in k and k.endswith("weight") and v.ndim == 2]
     assert len(pruned) == 12 and all(is_nm_sparse(w, 2, 4) for w in pruned)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclass(frozen=True)
@@ -30,46 +32,28 @@ class CTRSchema:
     cardinalities: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        assert len(self.sparse_names) == len(self.cardinalities)
+        if len(self.sparse_names) != len(self.cardinalities):
+            raise ValueError(f"CTRSchema: {len(self.cardinalities)} cardinalities for "
+                             f"{len(self.sparse_names)} sparse features")
 
 
-def _batch_class():
-    """``IndexedBatch``: torchrec's ``Batch`` plus ``indices`` (built on first use: torchrec is heavy)."""
-    global _INDEXED_BATCH
-    if _INDEXED_BATCH is not None:
-        return _INDEXED_BATCH
-    from torchrec.datasets.utils import Batch
+@dataclass
+class IndexedBatch(Batch):
+    """torchrec's ``Batch`` plus ``indices``: the ``(B,)`` int64 global sample index of each row."""
 
-    @dataclass
-    class IndexedBatch(Batch):
-        indices: torch.Tensor  # (B,) int64 global sample indices
+    indices: torch.Tensor
 
-        def to(self, device: torch.device, non_blocking: bool = False) -> "IndexedBatch":
-            return IndexedBatch(
-                dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
-                sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
-                labels=self.labels.to(device=device, non_blocking=non_blocking),
-                indices=self.indices.to(device=device, non_blocking=non_blocking),
-            )
+    def to(self, device: torch.device, non_blocking: bool = False) -> "IndexedBatch":
+        return IndexedBatch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            indices=self.indices.to(device=device, non_blocking=non_blocking),
+        )
 
-        def pin_memory(self) -> "IndexedBatch":
-            return IndexedBatch(self.dense_features.pin_memory(),
-                                self.sparse_features.pin_memory(),
-                                self.labels.pin_memory(), self.indices.pin_memory())
-
-    IndexedBatch.__module__ = __name__
-    IndexedBatch.__qualname__ = "IndexedBatch"
-    _INDEXED_BATCH = IndexedBatch
-    return IndexedBatch
-
-
-_INDEXED_BATCH = None
-
-
-def __getattr__(name: str):
-    if name == "IndexedBatch":
-        return _batch_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def pin_memory(self) -> "IndexedBatch":
+        return IndexedBatch(self.dense_features.pin_memory(), self.sparse_features.pin_memory(),
+                            self.labels.pin_memory(), self.indices.pin_memory())
 
 
 def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, indices: np.ndarray,
@@ -83,8 +67,6 @@ def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, indice
         indices: ``(B,)`` global sample indices.
         names: the F feature names.
     """
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     batch_size, num_features = sparse.shape
     assert num_features == len(names)
     # KJT order is feature-major: all of feature 0's bags, then feature 1's, ...
@@ -92,7 +74,7 @@ def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, indice
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=list(names), values=values,
         lengths=torch.ones(batch_size * num_features, dtype=torch.int32))
-    return _batch_class()(
+    return IndexedBatch(
         dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
         sparse_features=kjt,
         labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)),
@@ -109,13 +91,11 @@ def make_bag_batch(dense: np.ndarray, bags: list[tuple[np.ndarray, np.ndarray]],
             ``values`` the ids of all B bags concatenated.
         dense, labels, indices, names: as in :func:`make_batch`.
     """
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     assert len(bags) == len(names)
     values = torch.from_numpy(np.concatenate([v for v, _ in bags]).astype(np.int64))
     lengths = torch.from_numpy(np.concatenate([n for _, n in bags]).astype(np.int32))
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(names), values=values, lengths=lengths)
-    return _batch_class()(
+    return IndexedBatch(
         dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
         sparse_features=kjt,
         labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)),

@@ -7,7 +7,7 @@ counts and 26 categorical ids as hex strings; any field but the label may be emp
 shift of the dense values). Binary files are torchrec's preprocessed ``day_N_{dense,sparse,labels}.npy``
 (dense already log-transformed by torchrec's script: taken as stored; sparse ids hashed here).
 
-Every line is read by exactly one DataLoader worker of one DDP rank (:mod:`lit.recsys.sharding`):
+Every line is read by exactly one DataLoader worker of one DDP rank (:mod:`datamodules.ctr.sharding`):
 text readers scan the whole stream and parse only their own global batches, so a second worker
 pays for scanning (cheap) but not for parsing (the cost). Malformed lines either stop the run
 with ``file:line`` (``on_malformed: error``) or are skipped, counted and reported per reader
@@ -26,9 +26,9 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit.recsys.batching import CTRSchema, make_batch
-from lit.recsys.sharding import current_reader, num_global_batches
-from lit.recsys.stream import BatchStream
+from datamodules.ctr.batch import CTRSchema, make_batch
+from datamodules.ctr.sharding import current_reader, num_global_batches
+from datamodules.ctr.stream import BatchStream
 
 NUM_INT, NUM_CAT = 13, 26
 NUM_FIELDS = 1 + NUM_INT + NUM_CAT

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit.module import LitModule
 from lit.optim import Adan
 from lit.optim.adan import adan_foreach, adan_single_tensor
-from conftest import CONFIGS, FMNIST_DIR, needs_fmnist
+from tests.conftest import CONFIGS, FMNIST_DIR, needs_fmnist
 
 SHAPES = [(7, 5), (33,), (4, 3, 3, 2), (1,), (2100,)]
 STEPS = 25
@@ -128,7 +128,7 @@ def _load_interpreted_triton(monkeypatch):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    path = Path(__file__).resolve().parents[1] / "lit" / "optim" / "adan_triton.py"
+    path = Path(__file__).resolve().parents[2] / "lit" / "optim" / "adan_triton.py"
     spec = importlib.util.spec_from_file_location("adan_triton_interpreted", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

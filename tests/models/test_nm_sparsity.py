@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit.sparsity import (
+from models.nm_sparsity import (
     export_sparse_24,
     is_nm_sparse,
     nm_mask,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.synthetic_ctr import SyntheticCTR, bounded_zipf
-from lit.recsys.metrics import binary_entropy
+from datamodules.ctr.synthetic import SyntheticCTR, bounded_zipf
+from models.dlrm.metrics import binary_entropy
 
 SMALL = dict(cardinalities=[50, 1000, 3], num_dense=4, val_samples=4096, test_samples=1024)
 

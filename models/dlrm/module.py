@@ -2,70 +2,38 @@
 Scaling Laws for Recommendation Models" (arXiv 2208.08489): V (rows per table), H (embedding
 dim), M (top-MLP widths) and O (width multiplier on every non-embedding layer).
 
-The network is torchrec's ``DLRM`` (or ``DLRM_DCN``) built by :func:`build_dlrm`; the module
+The network is torchrec's ``DLRM`` (or ``DLRM_DCN``) built by
+:func:`models.dlrm.network.build_dlrm`; the module
 wraps it in ``DistributedModelParallel`` with the embedding optimizer fused into the backward
-pass (see :mod:`lit.recsys.fused`) and drives it with Lightning's manual optimization, so
+pass (see :mod:`models.dlrm.sharded`) and drives it with Lightning's manual optimization, so
 Lightning never wraps the model a second time. Notation: B batch, F sparse features, H (= D in
 torchrec) embedding dim.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from torch.nn.modules.module import _IncompatibleKeys
+
+from datamodules.ctr.batch import CTRSchema
 from lit.module import LitModule
-from lit.recsys.batching import CTRSchema
-from lit.recsys.fused import EmbeddingOptimizerName, ShardingTypeName
-from lit.recsys.metrics import CTRMetrics
-from lit.recsys.sizing import DLRMShape, dlrm_shape
+from models.dlrm.metrics import CTRMetrics
+from models.dlrm.network import build_dlrm, fold_ids
+from models.dlrm.sharded import (EmbeddingOptimizerName, ShardingTypeName, copy_plain_into,
+                                 dense_named_parameters, is_sharded, make_fused_dense_optimizer,
+                                 shard_with_fused_optimizer, to_plain)
+from models.dlrm.sizing import DLRMShape, dlrm_shape
 
 
 def default_dense_optimizer(params) -> torch.optim.Optimizer:
     """Adagrad(lr=0.01) for the dense layers: the DLRM reference recipe's optimizer."""
     return torch.optim.Adagrad(params, lr=0.01)
-
-
-def build_dlrm(shape: DLRMShape, sparse_names: list[str] | tuple[str, ...],
-               embedding_device: torch.device | str = "meta") -> nn.Module:
-    """torchrec ``DLRM`` / ``DLRM_DCN`` of the given shape; one table per sparse feature.
-
-    Tables are created on ``embedding_device`` ("meta" by default: DMP allocates them where
-    they are sharded, so a 100-GB table never exists on the host first).
-    """
-    from torchrec.models.dlrm import DLRM, DLRM_DCN
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    assert len(sparse_names) == shape.num_sparse
-    tables = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=shape.embedding_dim,
-                                 num_embeddings=rows, feature_names=[name])
-              for name, rows in zip(sparse_names, shape.rows)]
-    ebc = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
-    if shape.interaction == "dot":
-        return DLRM(ebc, shape.num_dense, list(shape.bottom), list(shape.top))
-    return DLRM_DCN(ebc, shape.num_dense, list(shape.bottom), list(shape.top),
-                    dcn_num_layers=shape.dcn_num_layers, dcn_low_rank_dim=shape.dcn_low_rank_dim)
-
-
-def fold_ids(kjt, rows: torch.Tensor):
-    """Hash each feature's ids into its table by modulo: ``id % rows[feature]`` (V < cardinality).
-
-    ``rows`` is ``(F,)`` int64 on the KJT's device. No host sync: sizes are passed explicitly.
-    """
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    values, lengths = kjt.values(), kjt.lengths()
-    rows_per_bag = rows.repeat_interleave(kjt.stride())  # (F * B,) feature-major
-    rows_per_value = rows_per_bag.repeat_interleave(lengths.long(), output_size=values.numel())
-    return KeyedJaggedTensor(keys=kjt.keys(), values=values % rows_per_value, lengths=lengths,
-                             offsets=kjt.offsets_or_none(), stride=kjt.stride(),
-                             length_per_key=kjt.length_per_key_or_none(),
-                             offset_per_key=kjt.offset_per_key_or_none())
 
 
 class DLRMModule(LitModule):
@@ -120,9 +88,9 @@ class DLRMModule(LitModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, monitor="val/logloss")
-        if embedding_optimizer not in ("row_wise_adagrad", "adagrad", "sgd", "adam"):
-            raise ValueError(f"embedding_optimizer must be row_wise_adagrad, adagrad, sgd or adam, "
-                             f"got {embedding_optimizer!r}")
+        if embedding_optimizer not in get_args(EmbeddingOptimizerName):
+            raise ValueError(f"embedding_optimizer must be one of "
+                             f"{get_args(EmbeddingOptimizerName)}, got {embedding_optimizer!r}")
         if embedding_lr <= 0:
             raise ValueError(f"embedding_lr must be > 0, got {embedding_lr!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -144,6 +112,9 @@ class DLRMModule(LitModule):
         self.val_metrics = CTRMetrics(auroc_thresholds)
         self.test_metrics = CTRMetrics(auroc_thresholds)
         self.samples_seen = 0
+        # Progressive train loss of the current epoch: (sum of loss x samples, samples), float64.
+        # Saved in checkpoints, so a mid-epoch resume reports the whole epoch's mean.
+        self._progressive = torch.zeros(2, dtype=torch.float64)
         self.size_report: dict[str, int] = {}
 
     # --- network -------------------------------------------------------------------------------
@@ -171,8 +142,6 @@ class DLRMModule(LitModule):
         """Build the DLRM and wrap it in DMP on this process's device (once)."""
         if self.model is not None:
             return
-        from lit.recsys.fused import shard_with_fused_optimizer
-
         schema = self._resolve_schema()
         self.shape = self._shape(schema)
         device = self._trainer.strategy.root_device if self._trainer else torch.device("cpu")
@@ -202,8 +171,6 @@ class DLRMModule(LitModule):
 
     def optimizer_groups(self) -> list[dict]:
         """The dense parameters, no weight decay on biases (the tables update in backward)."""
-        from lit.recsys.fused import dense_named_parameters
-
         decay, no_decay = [], []
         for param in dense_named_parameters(self.model).values():
             (decay if param.ndim > 1 else no_decay).append(param)
@@ -212,8 +179,6 @@ class DLRMModule(LitModule):
     def build_optimizer(self):
         """The dense optimizer combined with the tables' fused one (torchrec's CombinedOptimizer);
         the scheduler wiring is the base class's."""
-        from lit.recsys.fused import make_fused_dense_optimizer
-
         return make_fused_dense_optimizer(self.model, self.optimizer(self.optimizer_groups()))
 
     def on_fit_start(self) -> None:
@@ -228,28 +193,21 @@ class DLRMModule(LitModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and (self.lr_scheduler_interval == "step"
-                                      or _is_warmup_decay(scheduler)):
-            scheduler.step()
+        self.step_schedulers("step")
         size = batch.labels.numel()
         self.samples_seen += size * self.trainer.world_size
-        loss = loss.detach()
-        self._progressive += torch.stack([loss * size, loss.new_tensor(float(size))])
+        loss = loss.detach().double()
+        self._progressive = self._progressive.to(loss.device) + torch.stack(
+            [loss * size, loss.new_tensor(float(size))])
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=size)
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        self._progressive = torch.zeros(2, device=self.device, dtype=torch.float64)
 
     def on_train_epoch_end(self) -> None:
         # Mean progressive loss over every sample of the epoch (each scored before its update).
         total, count = self._progressive.tolist()
         self.log("train/progressive_loss", total / max(count, 1.0), sync_dist=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and self.lr_scheduler_interval == "epoch" \
-                and not _is_warmup_decay(scheduler):
-            scheduler.step()
+        self._progressive = torch.zeros(2, dtype=torch.float64)
+        self.step_schedulers("epoch")
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -279,10 +237,9 @@ class DLRMModule(LitModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the tables as plain tensors (loadable with ``weights_only=True``) and the schema."""
-        from lit.recsys.fused import to_plain
-
         checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
         checkpoint["samples_seen"] = self.samples_seen
+        checkpoint["progressive_loss"] = self._progressive.cpu()
         if self.schema is not None:
             checkpoint["ctr_schema"] = {"num_dense": self.schema.num_dense,
                                         "sparse_names": list(self.schema.sparse_names),
@@ -296,6 +253,8 @@ class DLRMModule(LitModule):
                                     tuple(saved["cardinalities"]))
         self.configure_model()
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
+        if "progressive_loss" in checkpoint:
+            self._progressive = checkpoint["progressive_loss"].double()
 
     def state_dict(self, *args, **kwargs) -> dict:
         """DMP's own state dict under ``model.`` (nesting DMP in a parent module garbles its keys)."""
@@ -305,10 +264,6 @@ class DLRMModule(LitModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Copy plain (or sharded) tensors into the DMP model's parameters, in place."""
-        from torch.nn.modules.module import _IncompatibleKeys
-
-        from lit.recsys.fused import copy_plain_into, to_plain
-
         if self.model is None:
             self.configure_model()
         current = self.model.state_dict()
@@ -323,17 +278,6 @@ class DLRMModule(LitModule):
             for key in set(current) & set(given):
                 value = given[key]
                 copy_plain_into(current[key], value if isinstance(value, torch.Tensor)
-                                and not _sharded(value) else to_plain(value))
+                                and not is_sharded(value) else to_plain(value))
         return _IncompatibleKeys(missing, unexpected)
 
-
-def _sharded(value) -> bool:
-    from lit.recsys.fused import is_sharded
-
-    return is_sharded(value)
-
-
-def _is_warmup_decay(scheduler) -> bool:
-    from lit.schedulers import WarmupDecay
-
-    return isinstance(scheduler, WarmupDecay)

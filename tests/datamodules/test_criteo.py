@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from datamodules.criteo import CriteoTSV, CriteoTextStream, MalformedLine, parse_line
-from lit.recsys.sharding import Reader
+from datamodules.ctr.criteo import CriteoTSV, CriteoTextStream, MalformedLine, parse_line
+from datamodules.ctr.sharding import Reader
 
 
 def line(label, ints, cats) -> str:
@@ -75,7 +75,7 @@ def test_malformed_counted_and_reported(tmp_path, caplog):
     path = tmp_path / "bad.tsv"
     path.write_text(LINE + LINE.replace("68fd1e64", "xyz") + "2" + LINE[1:] + LINE)
     stream = CriteoTextStream([str(path)], 8, (10,) * 26, None, False, "count")
-    with caplog.at_level(logging.WARNING, logger="datamodules.criteo"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.ctr.criteo"):
         (batch,) = list(stream)
     assert batch.indices.tolist() == [0, 3]
     assert stream.malformed == 2
@@ -95,7 +95,7 @@ def test_sharding_no_duplicates_no_losses(tmp_path, monkeypatch, world, workers,
     for rank in range(world):
         for worker in range(workers):
             reader = Reader(index=worker * world + rank, count=world * workers, world_size=world)
-            monkeypatch.setattr("datamodules.criteo.current_reader", lambda r=reader: r)
+            monkeypatch.setattr("datamodules.ctr.criteo.current_reader", lambda r=reader: r)
             stream = CriteoTextStream([str(p) for p in files], 8, (10,) * 26, budget, drop_last, "error")
             for batch in stream:
                 idx = batch.indices.tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.movielens import SPARSE_NAMES, MovieLens100K
+from datamodules.ctr.movielens import SPARSE_NAMES, MovieLens100K
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The source is any picklable callable ``make_batch(indices) -> Batch``; the stream cuts
 ``[0, num_samples)`` (optionally permuted per epoch) into global batches and gives each
-DataLoader worker and DDP rank its share (:mod:`lit.recsys.sharding`), so every index is read
+DataLoader worker and DDP rank its share (:mod:`datamodules.ctr.sharding`), so every index is read
 exactly once per epoch. Use it with ``DataLoader(stream, batch_size=None)``.
 """
 
@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from lit.recsys.sharding import (Reader, batch_span, batches_for_reader, current_reader,
+from datamodules.ctr.sharding import (Reader, batch_span, batches_for_reader, current_reader,
                                  num_global_batches)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lit.recsys.batching import CTRSchema, make_bag_batch
-from lit.recsys.stream import BatchStream
+from datamodules.ctr.batch import CTRSchema, make_bag_batch
+from datamodules.ctr.stream import BatchStream
 
 SINGLE = ("user_id", "item_id", "age_bucket", "gender", "occupation", "zip_prefix", "decade")
 SPARSE_NAMES = SINGLE + ("genres",)

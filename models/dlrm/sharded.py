@@ -16,20 +16,26 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torchrec import optim as trec_optim
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 EmbeddingOptimizerName = Literal["row_wise_adagrad", "adagrad", "sgd", "adam"]
 ShardingTypeName = Literal["table_wise", "row_wise", "column_wise", "table_row_wise"]
 
 
-def _embedding_optimizer_class(name: str):
-    from torchrec import optim as trec_optim
-
-    classes = {"row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
-               "sgd": trec_optim.SGD, "adam": trec_optim.Adam}
-    if name not in classes:
-        raise ValueError(f"embedding_optimizer must be one of {sorted(classes)}, got {name!r}")
-    return classes[name]
+EMBEDDING_OPTIMIZERS = {"row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
+                        "sgd": trec_optim.SGD, "adam": trec_optim.Adam}
 
 
 def ensure_process_group(device: torch.device) -> bool:
@@ -38,8 +44,6 @@ def ensure_process_group(device: torch.device) -> bool:
     Returns True when this call created it. Lightning's DDP strategies create the group
     themselves before the model is built, so under them this is a no-op.
     """
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -62,16 +66,6 @@ def shard_with_fused_optimizer(
     picks a sharding among ``sharding_types`` (default: table-, row- or column-wise; never data
     parallel, which would bring back dense gradients).
     """
-    from torch.distributed.optim import _apply_optimizer_in_backward
-    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.distributed.sharding_plan import get_default_sharders
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    import torch.distributed as dist
-
-    if embedding_lr <= 0:
-        raise ValueError(f"embedding_lr must be > 0, got {embedding_lr!r}")
     ensure_process_group(device)
     kwargs: dict = {"lr": embedding_lr}
     if embedding_optimizer in ("row_wise_adagrad", "adagrad", "adam"):
@@ -83,7 +77,7 @@ def shard_with_fused_optimizer(
         raise ValueError("model: no torchrec EmbeddingBagCollection found to shard")
     tables = [cfg.name for ebc in ebcs for cfg in ebc.embedding_bag_configs()]
     for ebc in ebcs:
-        _apply_optimizer_in_backward(_embedding_optimizer_class(embedding_optimizer),
+        _apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[embedding_optimizer],
                                      ebc.parameters(), kwargs)
     types = sharding_types or ["table_wise", "row_wise", "column_wise"]
     constraints = {name: ParameterConstraints(
@@ -103,19 +97,16 @@ def shard_with_fused_optimizer(
 
 def dense_named_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters not updated in backward: everything but the fused tables."""
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-
     return dict(in_backward_optimizer_filter(dmp.named_parameters()))
 
 
 def make_fused_dense_optimizer(dmp: nn.Module, dense_optimizer: torch.optim.Optimizer
-                               ) -> "torch.optim.Optimizer":
+                               ) -> "FusedDenseOptimizer":
     """:class:`FusedDenseOptimizer` over DMP's fused optimizer and ``dense_optimizer``.
 
     ``dense_optimizer`` must have been built over (a grouping of) :func:`dense_named_parameters`.
     """
-    cls = _fused_dense_class()
-    return cls(dmp.fused_optimizer, dense_optimizer, dense_named_parameters(dmp))
+    return FusedDenseOptimizer(dmp.fused_optimizer, dense_optimizer, dense_named_parameters(dmp))
 
 
 # --- plain-tensor state -----------------------------------------------------------------------
@@ -126,10 +117,6 @@ def to_plain(value):
 
     At world size > 1 this is a collective: call it on every rank (rank 0 gets the data).
     """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torch.distributed.tensor import DTensor
-    import torch.distributed as dist
-
     if isinstance(value, dict):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -164,8 +151,6 @@ def gather_keyed_state(state: dict[str, dict]) -> dict[str, dict]:
     A fused optimizer holds state only for the tables with shards on its rank, so the ranks
     first agree on the union of keys (with shapes), then reduce each tensor in the same order.
     """
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return to_plain(state)
     shapes = {key: {name: (tuple(v.size()), _dtype_of(v)) for name, v in d.items()
@@ -194,8 +179,6 @@ def gather_keyed_state(state: dict[str, dict]) -> dict[str, dict]:
 
 
 def _dtype_of(value) -> torch.dtype:
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     if isinstance(value, ShardedTensor):
         return value.metadata().tensor_properties.dtype
     return value.dtype
@@ -203,9 +186,6 @@ def _dtype_of(value) -> torch.dtype:
 
 def copy_plain_into(target, plain: torch.Tensor) -> None:
     """Copy a full tensor into a (possibly sharded) tensor's local part, in place."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torch.distributed.tensor import DTensor
-
     if tuple(target.size()) != tuple(plain.size()):
         raise ValueError(f"checkpoint tensor of shape {tuple(plain.size())} does not fit "
                          f"{tuple(target.size())}: was it saved with other knobs (V, H)?")
@@ -213,8 +193,6 @@ def copy_plain_into(target, plain: torch.Tensor) -> None:
         for shard in target.local_shards():
             shard.tensor.detach().copy_(plain[_slices(shard.metadata)])
     elif isinstance(target, DTensor):
-        from torch.distributed.tensor import distribute_tensor
-
         target.detach().copy_(distribute_tensor(plain.to(target.device), target.device_mesh,
                                                 target.placements))
     else:
@@ -222,15 +200,10 @@ def copy_plain_into(target, plain: torch.Tensor) -> None:
 
 
 def is_sharded(value) -> bool:
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torch.distributed.tensor import DTensor
-
     return isinstance(value, (ShardedTensor, DTensor))
 
 
 def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -240,57 +213,44 @@ def _slices(metadata) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(metadata.shard_offsets, metadata.shard_sizes))
 
 
-_FUSED_DENSE = None
+class FusedDenseOptimizer(CombinedOptimizer):
+    """torchrec's CombinedOptimizer of the fused (in-backward) and the dense optimizer.
 
+    ``step`` and ``zero_grad`` go to both (the fused step only pushes the current
+    learning rate to fbgemm, the update already happened in backward), so a scheduler on
+    this optimizer drives the embedding lr as well. ``state_dict`` is plain tensors:
+    ``{"fused": {param: {state: tensor}}, "fused_lr": [...], "dense": torch state_dict}``;
+    the dense part uses torch's own format because its state may not exist yet at load time.
+    """
 
-def _fused_dense_class():
-    global _FUSED_DENSE
-    if _FUSED_DENSE is not None:
-        return _FUSED_DENSE
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+    def __init__(self, fused: KeyedOptimizer, dense: torch.optim.Optimizer,
+                 dense_params: dict[str, nn.Parameter]) -> None:
+        self.dense_optimizer = dense
+        self.fused = fused
+        wrapper = KeyedOptimizerWrapper(dense_params, lambda _params: dense)
+        super().__init__([("fused", fused), ("dense", wrapper)])
 
-    class FusedDenseOptimizer(CombinedOptimizer):
-        """torchrec's CombinedOptimizer of the fused (in-backward) and the dense optimizer.
+    def state_dict(self) -> dict:
+        return {
+            "fused": gather_keyed_state(self.fused.state_dict()["state"]),
+            "fused_lr": [group["lr"] for group in self.fused.param_groups],
+            "dense": self.dense_optimizer.state_dict(),
+        }
 
-        ``step`` and ``zero_grad`` go to both (the fused step only pushes the current
-        learning rate to fbgemm, the update already happened in backward), so a scheduler on
-        this optimizer drives the embedding lr as well. ``state_dict`` is plain tensors:
-        ``{"fused": {param: {state: tensor}}, "fused_lr": [...], "dense": torch state_dict}``;
-        the dense part uses torch's own format because its state may not exist yet at load time.
-        """
-
-        def __init__(self, fused: KeyedOptimizer, dense: torch.optim.Optimizer,
-                     dense_params: dict[str, nn.Parameter]) -> None:
-            self.dense_optimizer = dense
-            self.fused = fused
-            wrapper = KeyedOptimizerWrapper(dense_params, lambda _params: dense)
-            super().__init__([("fused", fused), ("dense", wrapper)])
-
-        def state_dict(self) -> dict:
-            return {
-                "fused": gather_keyed_state(self.fused.state_dict()["state"]),
-                "fused_lr": [group["lr"] for group in self.fused.param_groups],
-                "dense": self.dense_optimizer.state_dict(),
-            }
-
-        def load_state_dict(self, state_dict: dict) -> None:
-            if "fused" not in state_dict or "dense" not in state_dict:
-                raise ValueError("optimizer state: expected keys 'fused' and 'dense' (a "
-                                 "checkpoint written by DLRMModule), got "
-                                 f"{sorted(state_dict)!r}")
-            current = self.fused.state_dict()["state"]
-            saved = state_dict["fused"]
-            if set(current) - set(saved):  # a rank holds only its own tables' state
-                raise ValueError(f"optimizer state: embedding tables {sorted(saved)} in the "
-                                 f"checkpoint, {sorted(current)} in the model")
-            for key, states in current.items():
-                for name, tensor in states.items():
-                    if isinstance(tensor, torch.Tensor):
-                        copy_plain_into(tensor, saved[key][name])
-            for group, lr in zip(self.fused.param_groups, state_dict.get("fused_lr", [])):
-                group["lr"] = lr
-            self.dense_optimizer.load_state_dict(state_dict["dense"])
-
-    FusedDenseOptimizer.__module__ = __name__
-    _FUSED_DENSE = FusedDenseOptimizer
-    return FusedDenseOptimizer
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "fused" not in state_dict or "dense" not in state_dict:
+            raise ValueError("optimizer state: expected keys 'fused' and 'dense' (a "
+                             "checkpoint written by DLRMModule), got "
+                             f"{sorted(state_dict)!r}")
+        current = self.fused.state_dict()["state"]
+        saved = state_dict["fused"]
+        if set(current) - set(saved):  # a rank holds only its own tables' state
+            raise ValueError(f"optimizer state: embedding tables {sorted(saved)} in the "
+                             f"checkpoint, {sorted(current)} in the model")
+        for key, states in current.items():
+            for name, tensor in states.items():
+                if isinstance(tensor, torch.Tensor):
+                    copy_plain_into(tensor, saved[key][name])
+        for group, lr in zip(self.fused.param_groups, state_dict.get("fused_lr", [])):
+            group["lr"] = lr
+        self.dense_optimizer.load_state_dict(state_dict["dense"])

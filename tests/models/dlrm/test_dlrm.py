@@ -11,10 +11,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from datamodules.synthetic_ctr import SyntheticCTR
-from lit.recsys.metrics import CTRMetrics, normalized_entropy
-from lit.recsys.sizing import dlrm_shape
-from models.dlrm import DLRMModule, build_dlrm, fold_ids
+from datamodules.ctr.synthetic import SyntheticCTR
+from models.dlrm.metrics import CTRMetrics, normalized_entropy
+from models.dlrm.sizing import dlrm_shape
+from models.dlrm.module import DLRMModule
+from models.dlrm.network import build_dlrm, fold_ids
 
 TINY = dict(embedding_dim=4, num_embeddings=8, dense_arch_layer_sizes=[6], over_arch_layer_sizes=[5])
 SYN = dict(cardinalities=[30, 200, 5], num_dense=3, val_samples=512, test_samples=512)
@@ -87,7 +88,7 @@ def test_ctr_metrics_against_sklearn():
 
 def test_fused_rowwise_adagrad_matches_float64_rederivation():
     """One step of the DMP model against the same step re-derived by hand in float64."""
-    from lit.recsys.fused import to_plain
+    from models.dlrm.sharded import to_plain
 
     dm = SyntheticCTR(batch_size=64, train_samples=64, **SYN)
     lr, eps = 0.1, 1e-8
@@ -147,7 +148,7 @@ def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
 
 
 def test_single_epoch_sees_each_index_once_and_evaluates_at_sample_counts(tmp_path):
-    from lit.recsys.single_epoch import EvalAtSamples
+    from callbacks.eval_at_samples import EvalAtSamples
 
     dm = SyntheticCTR(batch_size=128, train_samples=128 * 12, num_workers=2, **SYN)
     record, evals = RecordIndices(), EvalAtSamples(at_samples=[256, 1000, 1536])
@@ -162,9 +163,9 @@ def test_single_epoch_sees_each_index_once_and_evaluates_at_sample_counts(tmp_pa
 
 
 def test_trainer_on_movielens_and_criteo(tmp_path):
-    from datamodules.criteo import CriteoTSV
-    from datamodules.movielens import MovieLens100K
-    from tests.test_criteo import write_lines
+    from datamodules.ctr.criteo import CriteoTSV
+    from datamodules.ctr.movielens import MovieLens100K
+    from tests.datamodules.test_criteo import write_lines
 
     ml = MovieLens100K(batch_size=256, train_samples=2048)
     trainer = tiny_trainer(tmp_path, limit_val_batches=4, limit_test_batches=2)
@@ -185,7 +186,7 @@ def test_trainer_on_movielens_and_criteo(tmp_path):
 def test_checkpoint_resume_restores_fused_optimizer_state(tmp_path):
     """Train 2 epochs straight vs 1 epoch + resume: identical weights only if the fused
     row-wise Adagrad state (and the dense Adam state) came back from the checkpoint."""
-    from lit.recsys.fused import to_plain
+    from models.dlrm.sharded import to_plain
 
     def data():
         return SyntheticCTR(batch_size=64, train_samples=64 * 3, **SYN)
@@ -232,7 +233,7 @@ def test_cli_fit_with_logger_and_eval_at_samples(tmp_path):
     main(["fit", "--config", "configs/dlrm/synthetic.yaml",
           f"--trainer.default_root_dir={tmp_path}",
           f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-          "--trainer.callbacks=[{class_path: lit.recsys.single_epoch.EvalAtSamples, "
+          "--trainer.callbacks=[{class_path: callbacks.EvalAtSamples, "
           "init_args: {at_samples: [256, 512]}}]",
           "--trainer.enable_progress_bar=false",
           "--model.init_args.embedding_dim=8", "--model.init_args.num_embeddings=64",

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from callbacks.nm_pruning import NMPruning
 from datamodules.text_classification import TextClassification
 from lit.schedulers import WarmupDecay
-from lit.sparsity import is_nm_sparse, nm_mask, select_linears
+from models.nm_sparsity import is_nm_sparse, nm_mask, select_linears
 from models.bert_classifier import BertClassifier
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,

@@ -39,7 +39,7 @@ def test_cosine_decay_to_a_floor_by_hand() -> None:
 def test_total_steps_filled_in_later_and_warmup_fraction() -> None:
     scheduler = WarmupDecay(_opt(), warmup_fraction=0.2, decay="linear")
     assert scheduler.optimizer.param_groups[0]["lr"] == 1.0  # unknown length: constant
-    scheduler.set_total_steps(10)
+    scheduler.plan(10)
     lrs = _lrs(scheduler, 11)
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert lrs[-1] == pytest.approx(0.0)

@@ -16,8 +16,8 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lit.recsys.batching import CTRSchema, make_batch
-from lit.recsys.stream import BatchStream
+from datamodules.ctr.batch import CTRSchema, make_batch
+from datamodules.ctr.stream import BatchStream
 
 # Per-feature distinct values of Criteo 1TB (as in the MLPerf DLRM reference).
 CRITEO_1TB_CARDINALITIES = (

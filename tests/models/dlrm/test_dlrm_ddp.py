@@ -32,9 +32,9 @@ def test_two_process_gloo_fit_shards_tables_and_samples(tmp_path):
     config = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 2,
-                    "strategy": {"class_path": "lit.recsys.strategy.TorchrecDDPStrategy"},
+                    "strategy": {"class_path": "models.dlrm.strategy.TorchrecDDPStrategy"},
                     "enable_progress_bar": False, "num_sanity_val_steps": 0,
-                    "callbacks": [{"class_path": "tests.test_dlrm_ddp.DumpIndices",
+                    "callbacks": [{"class_path": "tests.models.dlrm.test_dlrm_ddp.DumpIndices",
                                    "init_args": {"out_dir": str(tmp_path)}}]},
         "model": {"class_path": "models.DLRMModule",
                   "init_args": {"embedding_dim": 8, "num_embeddings": 64,
