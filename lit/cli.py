@@ -10,13 +10,21 @@ What it adds to Lightning's CLI:
   ``LearningRateMonitor`` (``--lr_monitor.*``) always present; more callbacks go under
   ``trainer.callbacks``;
 * ``fit`` ends by testing the trained model (``--test_after_fit false`` to skip) and printing
-  where the logs and checkpoints are.
+  where the logs and checkpoints are;
+* SIGINT / SIGTERM during ``fit`` save a checkpoint at the current step, print the resume
+  command and exit with 130 / 143 (:class:`callbacks.signal_checkpoint.SignalCheckpoint`);
+* ``--ckpt_path`` is checked before anything runs (a file, a Lightning checkpoint, of this
+  config's model class), and a resumed ``fit`` logs into the checkpoint's own version folder, so
+  TensorBoard shows one run (``--resume_same_version false`` for a new folder);
+* ``--trainer.enable_checkpointing false`` turns the default ``ModelCheckpoint`` off.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from functools import partial
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -25,6 +33,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instant
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from callbacks.signal_checkpoint import SignalCheckpoint, StopRequested
+from lit.checkpoints import check_checkpoint, version_of_checkpoint
 from lit.module import LitModule
 import lit.optim.adan  # noqa: F401  (makes --optimizer Adan resolve)
 
@@ -76,6 +86,13 @@ class LitCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(LoggerAwareLearningRateMonitor, "lr_monitor")
         parser.add_argument(
+            "--resume_same_version",
+            type=bool,
+            default=True,
+            help="When `fit` resumes from --ckpt_path inside a logger's version folder, log into "
+                 "that folder (one TensorBoard run) instead of a new version.",
+        )
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=True,
@@ -85,9 +102,44 @@ class LitCLI(LightningCLI):
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if isinstance(args, (dict, Namespace)):
+            self.argv: list[str] | None = None
             self.config = parser.parse_object(args)
         else:
-            self.config = parser.parse_args(qualify_short_names(sys.argv[1:] if args is None else args))
+            self.argv = list(sys.argv[1:] if args is None else args)
+            self.config = parser.parse_args(qualify_short_names(self.argv))
+
+    @override
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        if config.get("enable_checkpointing") is False:  # the user's word beats our default
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, SignalCheckpoint()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint(ckpt_path, self.model)
+            if subcommand == "fit" and self._get(self.config, "resume_same_version", True):
+                self._log_into_version_of(ckpt_path)
+        try:
+            super()._run_subcommand(subcommand)
+        except StopRequested as stop:
+            self._report_outputs()
+            if stop.checkpoint and self.argv is not None:
+                rank_zero_info("[lit] resume with: " + resume_command(self.argv, stop.checkpoint))
+            sys.exit(stop.exit_code)
+
+    def _log_into_version_of(self, ckpt_path: str) -> None:
+        """Point an unversioned TensorBoard/CSV logger at the checkpoint's version folder."""
+        logger = self.trainer.logger
+        if logger is None or getattr(logger, "_version", "missing") is not None:
+            return
+        version = version_of_checkpoint(ckpt_path, Path(logger.save_dir) / (logger.name or ""))
+        if version is not None:
+            logger._version = version
+            rank_zero_info(f"[lit] resuming in {logger.log_dir}")
 
     @override
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
@@ -155,6 +207,22 @@ def qualify_short_names(args: list[str]) -> list[str]:
                 out[at] = f"{flag}={qualified}" if eq else qualified
                 break
     return out
+
+
+def resume_command(argv: list[str], ckpt_path: str) -> str:
+    """``python -m lit ARGV`` with ``--ckpt_path`` set to ``ckpt_path`` (replacing a given one)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        out.append(arg)
+    return shlex.join(["python", "-m", "lit", *out, "--ckpt_path", ckpt_path])
 
 
 def _as_dict(init: Namespace | dict) -> dict:

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lit.checkpoints import CLASS_KEY, class_path
 from lit.schedulers import plans_run_length
 
 
@@ -103,6 +104,11 @@ class LitModule(LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the module's class, so a checkpoint given to another config is named."""
+        checkpoint[CLASS_KEY] = class_path(self)
 
     @override
     def on_train_start(self) -> None:

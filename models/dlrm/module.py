@@ -237,6 +237,7 @@ class DLRMModule(LitModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the tables as plain tensors (loadable with ``weights_only=True``) and the schema."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
         checkpoint["samples_seen"] = self.samples_seen
         checkpoint["progressive_loss"] = self._progressive.cpu()

@@ -1,0 +1,69 @@
+"""Checks on ``--ckpt_path`` before anything runs, and where a checkpoint's run logged.
+
+A wrong path should cost one clear line, not a traceback from deep inside ``torch.load`` or
+from a model that received another model's weights. :class:`lit.module.LitModule` records its
+class in every checkpoint (``"lit_module_class"``), so a checkpoint given to another model's
+config is recognised by name.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+
+CLASS_KEY = "lit_module_class"
+
+
+def class_path(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_checkpoint(path: str | Path, model: LightningModule | None = None) -> dict:
+    """Open ``path`` as a Lightning checkpoint (weights-only, memory-mapped) and check that it
+    was written by ``model``'s class; returns its top-level keys and class record.
+
+    Raises:
+        ValueError: naming the file and what to do: missing, not a Lightning checkpoint, or a
+            checkpoint of another model class.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--ckpt_path {str(path)!r}: no such file")
+    try:
+        mmap = zipfile.is_zipfile(path)  # torch's format since 1.6; mmap avoids reading tables
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--ckpt_path {str(path)!r} is not a readable PyTorch checkpoint "
+                         f"({reason[:200]}); give a .ckpt file written by `python -m lit fit`"
+                         ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"--ckpt_path {str(path)!r} is a torch file but not a Lightning "
+                         "checkpoint (no 'state_dict'); give a .ckpt file written by "
+                         "`python -m lit fit`")
+    written_by = checkpoint.get(CLASS_KEY)
+    if model is not None and written_by is not None and written_by != class_path(model):
+        config = path.parent.parent / "config.yaml"
+        hint = f" (its config: {config})" if config.is_file() else ""
+        raise ValueError(f"--ckpt_path {str(path)!r} is a checkpoint of {written_by}, but this "
+                         f"config builds {class_path(model)}: use the config the checkpoint was "
+                         f"trained with{hint}")
+    return {"keys": sorted(checkpoint), CLASS_KEY: written_by}
+
+
+def version_of_checkpoint(path: str | Path, logger_root: Path) -> int | str | None:
+    """The logger version whose folder holds ``path`` (``<root>/version_N/checkpoints/x.ckpt``
+    or ``<root>/<name>/checkpoints/x.ckpt``), or None when the checkpoint lies elsewhere."""
+    path = Path(path).resolve()
+    root = Path(logger_root).resolve()
+    if path.parent.name != "checkpoints" or path.parent.parent.parent != root:
+        return None
+    folder = path.parent.parent.name
+    if folder.startswith("version_") and folder[len("version_"):].isdigit():
+        return int(folder[len("version_"):])
+    return folder
