@@ -147,7 +147,8 @@ def run_once(args, history: History, job: str, job_cfg: JobConfig, target: Targe
 
 
 def table_rows(runs: list[Run], window: int = 0) -> list[dict]:
-    """One summary row per batch size: counts, cost mean/std and the posterior of the cost."""
+    """One summary row per batch size: counts, cost mean/std (of every finished run, windowed)
+    and the Gaussian posterior of the mean cost (sizes that reached the target at least once)."""
     rows = []
     sizes = sorted({r.batch_size for r in runs})
     observations = [r.observation for r in runs if r.observation is not None]
@@ -164,7 +165,9 @@ def table_rows(runs: list[Run], window: int = 0) -> list[dict]:
             "mean_cost": sum(costs) / len(costs) if costs else None,
             "std_cost": (sum((c - sum(costs) / len(costs)) ** 2 for c in costs) / len(costs)) ** 0.5
             if costs else None,
-            "posterior": (-mean, sd) if costs and sd is not None else None,
+            # a size that never reached the target is no arm of the sampler
+            "posterior": (-mean, sd) if costs and sd is not None and any(
+                r.status == "reached" for r in mine) else None,
         })
     return rows
 
