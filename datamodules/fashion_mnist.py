@@ -18,6 +18,9 @@ INSTALL_HINT = (
     "with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
     "and t10k-labels-idx1-ubyte.gz"
 )
+REPAIR_HINT = (
+    "reinstall the data with `sudo apt-get install --reinstall dataset-fashion-mnist` "
+    "(Debian/Ubuntu), or replace the file with an intact copy")
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -41,8 +44,11 @@ def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Te
     if not directory.is_dir():
         raise FileNotFoundError(f"Fashion-MNIST directory {str(directory)!r} does not exist: {INSTALL_HINT}")
     images_stem, labels_stem = FILES[split]
-    images = read_idx(_find(directory, images_stem))
-    labels = read_idx(_find(directory, labels_stem)).long()
+    try:
+        images = read_idx(_find(directory, images_stem))
+        labels = read_idx(_find(directory, labels_stem)).long()
+    except ValueError as err:
+        raise ValueError(f"Fashion-MNIST file {err}; {REPAIR_HINT}") from err
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"{directory}: {split} images {tuple(images.shape)} and labels "
                          f"{tuple(labels.shape)} do not match")

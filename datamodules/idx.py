@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,17 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
-    """Read one IDX file (``.gz`` or not) into a tensor of its stored shape."""
+    """Read one IDX file (``.gz`` or not) into a tensor of its stored shape.
+
+    A damaged file (truncated, bad gzip CRC, foreign content) raises ``ValueError`` naming it.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as err:  # truncated gzip, CRC or length mismatch
+        raise ValueError(f"{path}: damaged ({type(err).__name__}: {err})") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic {data[:4]!r})")
     ndim = data[3]

@@ -12,36 +12,67 @@ Conviformer pre-sizer (``presize_border``, see :mod:`datamodules.presize`), any
 from YAML), then timm's ``create_transform`` at ``image_size`` (random-resized crop, flip,
 optional RandAugment / random erasing for training; resize + centre crop for evaluation) unless
 ``train_transforms`` / ``eval_transforms`` replace them.
+
+An image that does not decode (truncated JPEG, foreign file) stops the run with its path
+(``on_bad_image: error``), or is left out of its batch and logged with its path and a running
+count (``on_bad_image: skip``), like the Criteo reader's ``on_malformed: count``.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from datamodules.splits import SplitDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+log = logging.getLogger(__name__)
+
+
+class BadImage(ValueError):
+    """An image file that does not decode; the message names it and the fix."""
 
 
 class TransformedSubset(Dataset):
-    """Samples ``indices`` of an ``ImageFolder`` (which returns PIL images) through ``transform``."""
+    """Samples ``indices`` of an ``ImageFolder`` (which returns PIL images) through ``transform``.
 
-    def __init__(self, folder, indices: list[int], transform: nn.Module) -> None:
+    With ``skip_bad``, an image that raises :class:`BadImage` comes out as ``None`` (dropped by
+    :func:`collate_skipping_none`) and is counted in ``skipped`` (per process: each DataLoader
+    worker counts its own).
+    """
+
+    def __init__(self, folder, indices: list[int], transform: nn.Module, skip_bad: bool = False) -> None:
         self.folder, self.indices, self.transform = folder, indices, transform
+        self.skip_bad = skip_bad
+        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[self.indices[index]]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            image, label = self.folder[self.indices[index]]
+        except BadImage as err:
+            if not self.skip_bad:
+                raise
+            self.skipped += 1
+            log.warning("ImageFolder: skipped %s (%d skipped so far in this process)", err,
+                        self.skipped)
+            return None
         return self.transform(image), label
+
+
+def collate_skipping_none(items: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's collate over the samples that loaded (None when none did: Lightning skips it)."""
+    kept = [item for item in items if item is not None]
+    return default_collate(kept) if kept else None
 
 
 class ImageFolder(SplitDataModule):
@@ -67,6 +98,8 @@ class ImageFolder(SplitDataModule):
         mean, std: normalisation; default ImageNet's (0.5 for grayscale).
         train_transforms, eval_transforms: replace timm's transforms entirely (modules applied
             in order to the pre-transformed PIL image; the last must return a tensor).
+        on_bad_image: ``"error"`` stops at an image that does not decode, naming it;
+            ``"skip"`` leaves such images out of their batch, logging each with a count.
     """
 
     def __init__(
@@ -90,6 +123,7 @@ class ImageFolder(SplitDataModule):
         std: list[float] | None = None,
         train_transforms: list[nn.Module] | None = None,
         eval_transforms: list[nn.Module] | None = None,
+        on_bad_image: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -104,6 +138,8 @@ class ImageFolder(SplitDataModule):
             raise ValueError(f"scale_min must be in (0, 1], got {scale_min!r}")
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if presize_border is not None and presize_border < 0:
             raise ValueError(f"presize_border must be >= 0 or null (off), got {presize_border!r}")
         default_mean, default_std = ((0.5,), (0.5,)) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
@@ -120,6 +156,8 @@ class ImageFolder(SplitDataModule):
         self.auto_augment, self.scale_min, self.hflip, self.re_prob = auto_augment, scale_min, hflip, re_prob
         self.interpolation, self.crop_pct = interpolation, crop_pct
         self.train_transforms, self.eval_transforms = train_transforms, eval_transforms
+        self.on_bad_image = on_bad_image
+        self.collate_fn = collate_skipping_none if on_bad_image == "skip" else None
         self.classes: list[str] = []
         self.train_set = self.val_set = self.test_set = None
 
@@ -176,29 +214,33 @@ class ImageFolder(SplitDataModule):
         self.prepare_data()
         train = self._folder("train")
         self.classes = list(train.classes)
+        subset = partial(TransformedSubset, skip_bad=self.on_bad_image == "skip")
         if (self.data_dir / "val").is_dir():
             val = self._folder("val")
-            self.train_set = TransformedSubset(train, list(range(len(train))), self.build_transform(True))
-            self.val_set = TransformedSubset(val, list(range(len(val))), self.build_transform(False))
+            self.train_set = subset(train, list(range(len(train))), self.build_transform(True))
+            self.val_set = subset(val, list(range(len(val))), self.build_transform(False))
         else:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n_val = max(1, int(round(self.val_fraction * len(train))))
             if n_val >= len(train):
                 raise ValueError(f"val_fraction: {self.val_fraction} of {len(train)} images leaves none "
                                  "for training; add images or a val/ folder")
-            self.train_set = TransformedSubset(train, order[n_val:], self.build_transform(True))
-            self.val_set = TransformedSubset(train, order[:n_val], self.build_transform(False))
+            self.train_set = subset(train, order[n_val:], self.build_transform(True))
+            self.val_set = subset(train, order[:n_val], self.build_transform(False))
         if (self.data_dir / "test").is_dir():
             test = self._folder("test")
-            self.test_set = TransformedSubset(test, list(range(len(test))), self.build_transform(False))
+            self.test_set = subset(test, list(range(len(test))), self.build_transform(False))
         else:
             self.test_set = self.val_set
-
 
 
 def _load(path: str, mode: str):
     from PIL import Image
 
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert(mode)
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert(mode)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated data, unknown format
+        raise BadImage(f"{path}: not a readable image ({err}); remove or replace the file, or "
+                       "set --data.init_args.on_bad_image skip to leave such images out") from err
 

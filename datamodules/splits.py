@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
+
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from datamodules.loader import make_loader
 
 
 class SplitDataModule(LightningDataModule):
@@ -17,27 +20,21 @@ class SplitDataModule(LightningDataModule):
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     test_set: Dataset | None = None
+    collate_fn: Callable | None = None  # None: torch's default collate
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # Drop a ragged last training batch, unless it is the only one.
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def _loader(self, dataset: Dataset, split: str) -> DataLoader:
+        train = split == "train"
+        return make_loader(dataset, split, self.batch_size, self.num_workers, shuffle=train,
+                           drop_last=train, collate_fn=self.collate_fn)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, "train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, "test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, "predict")

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.loader import make_loader
 from models.bert_classifier import MINILM, resolve_pretrained
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
@@ -247,25 +248,19 @@ class TextClassification(LightningDataModule):
         path = resolve_pretrained(self.tokenizer_name, field="tokenizer")
         return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=partial(pad_batch, pad_id=self.pad_id),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+    def _loader(self, split: str) -> DataLoader:
+        return make_loader(self.splits[split], split, self.batch_size, self.num_workers,
+                           shuffle=split == "train", seed=self.seed,
+                           collate_fn=partial(pad_batch, pad_id=self.pad_id))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

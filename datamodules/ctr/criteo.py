@@ -12,6 +12,11 @@ text readers scan the whole stream and parse only their own global batches, so a
 pays for scanning (cheap) but not for parsing (the cost). Malformed lines either stop the run
 with ``file:line`` (``on_malformed: error``) or are skipped, counted and reported per reader
 (``on_malformed: count``); they are never dropped silently.
+
+Nothing to read is an error before the model is built (``setup``): no training files, an empty
+file, fewer training lines than one batch per device, ``.npy`` files whose row counts disagree;
+an unreadable (e.g. truncated gzip) file is named when the reader reaches it. Training streams
+resume mid-epoch at the first line not yet trained on (:class:`datamodules.ctr.stream.StreamLoader`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,17 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.ctr.batch import CTRSchema, make_batch
 from datamodules.ctr.sharding import current_reader, num_global_batches
-from datamodules.ctr.stream import BatchStream
+from datamodules.ctr.stream import BatchStream, StreamLoader
+from datamodules.loader import check_split_size
 
 NUM_INT, NUM_CAT = 13, 26
 NUM_FIELDS = 1 + NUM_INT + NUM_CAT
 SPARSE_NAMES = tuple(f"cat_{i}" for i in range(NUM_CAT))
 log = logging.getLogger(__name__)
+NO_TRAIN_FILES = (
+    "train_files: no training files given; give them on the command line, e.g. "
+    "--data.init_args.train_files='[day_0.gz, day_1.gz]' (Criteo .tsv/.txt, plain or gzip, or "
+    "torchrec's day_N_dense.npy)")
 
 
 class MalformedLine(ValueError):
@@ -82,9 +92,15 @@ class _Lines:
 
     def _generate(self) -> Iterator[tuple[str, int, str]]:
         for path in self.files:
-            with open_text(path) as f:
-                for number, text in enumerate(f, start=1):
-                    yield path, number, text
+            number = 0
+            try:
+                with open_text(path) as f:
+                    for number, text in enumerate(f, start=1):
+                        yield path, number, text
+            except (OSError, EOFError, UnicodeDecodeError) as err:  # truncated gzip, bad bytes
+                raise ValueError(f"{path}: unreadable after line {number} ({err}); the file is "
+                                 "damaged or truncated: download or decompress it again, or "
+                                 "remove it from the list") from err
 
     def skip_to(self, target: int) -> bool:
         """Advance to line ``target``; False if the stream ends first."""
@@ -118,6 +134,7 @@ class CriteoTextStream(IterableDataset):
         self.files, self.batch_size = files, batch_size
         self.hash_sizes = np.asarray(hash_sizes, dtype=np.int64)
         self.max_samples, self.drop_last, self.on_malformed = max_samples, drop_last, on_malformed
+        self.epoch, self.first_batch = 0, 0  # see StreamLoader: resume at global batch first_batch
         self.malformed = 0
         self.first_malformed: str | None = None
 
@@ -144,16 +161,20 @@ class CriteoTextStream(IterableDataset):
         dense = dense_transform(np.asarray(ints, dtype=np.int64))
         return make_batch(dense, ids, np.asarray(labels), np.asarray(keep), SPARSE_NAMES)
 
+    def epoch_batches(self, world_size: int) -> None:
+        return None  # unknown until the files are read
+
     def __iter__(self):
         reader = current_reader()
         self.malformed, self.first_malformed = 0, None
+        first, self.first_batch, self.epoch = self.first_batch, 0, self.epoch + 1
         b, world = self.batch_size, reader.world_size
         limit = None
         if self.max_samples is not None:
-            limit = num_global_batches(self.max_samples, b, world, self.drop_last)
+            limit = num_global_batches(self.max_samples, b, world, self.drop_last, first)
         src = _Lines(self.files)
         pending, pending_end = None, 0
-        k = reader.index
+        k = first + reader.index
         while limit is None or k < limit:
             start = k * b
             reached = src.skip_to(start)
@@ -173,7 +194,7 @@ class CriteoTextStream(IterableDataset):
             if batch is None:
                 pass
             elif self.drop_last and world > 1:
-                pending, pending_end = batch, (k // world + 1) * world * b
+                pending, pending_end = batch, (first + ((k - first) // world + 1) * world) * b
             else:
                 yield batch
             k += reader.count
@@ -192,7 +213,7 @@ class NpySource:
         self.stems = stems
         self.hash_sizes = np.asarray(hash_sizes, dtype=np.int64)
         self._arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-        self.rows = [int(np.load(f"{s}_labels.npy", mmap_mode="r").shape[0]) for s in stems]
+        self.rows = [npy_rows(s) for s in stems]
         self.starts = np.cumsum([0] + self.rows)
 
     def __len__(self) -> int:
@@ -221,6 +242,38 @@ class NpySource:
         ids = np.concatenate(sparse).astype(np.int64) % self.hash_sizes
         return make_batch(np.concatenate(dense).astype(np.float32), ids,
                           np.concatenate(labels), indices, SPARSE_NAMES)
+
+
+def npy_rows(stem: str) -> int:
+    """Rows of one day's three ``.npy`` files; an error naming them unless they agree in rows
+    and hold (N, 13) dense, (N, 26) sparse and (N,) or (N, 1) labels."""
+    shapes = {}
+    for part in ("dense", "sparse", "labels"):
+        path = f"{stem}_{part}.npy"
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} not found: torchrec's layout needs {stem}_dense.npy, "
+                                    f"{stem}_sparse.npy and {stem}_labels.npy side by side")
+        try:
+            shapes[path] = np.load(path, mmap_mode="r").shape
+        except ValueError as err:  # numpy's own message for a truncated or foreign file
+            raise ValueError(f"{path}: not a readable .npy file ({err}); write it again") from err
+    (dense, d), (sparse, s), (labels, l) = shapes.items()
+    if len({d[0], s[0], l[0]}) != 1:
+        raise ValueError(f"row counts disagree: {dense} has {d[0]}, {sparse} has {s[0]}, {labels} "
+                         f"has {l[0]}; the three files of one day must hold the same samples")
+    if d[1:] != (NUM_INT,) or s[1:] != (NUM_CAT,) or l[1:] not in ((), (1,)):
+        raise ValueError(f"shapes {d} / {s} / {l} of {stem}_{{dense,sparse,labels}}.npy: "
+                         f"expected (N, {NUM_INT}), (N, {NUM_CAT}) and (N,) or (N, 1)")
+    if d[0] == 0:
+        raise ValueError(f"{dense}: 0 rows; remove the day from the list or write it again")
+    return int(d[0])
+
+
+def count_lines(path: str, limit: int) -> int:
+    """Lines of a text file (gzip or plain), counting no further than ``limit``."""
+    lines = _Lines([path])
+    lines.skip_to(limit)
+    return lines.pos
 
 
 def npy_stem(path: str) -> str | None:
@@ -294,8 +347,41 @@ class CriteoTSV(LightningDataModule):
         return CriteoTextStream(files, self.batch_size, self.hash_sizes, budget, train,
                                 self.on_malformed)
 
+    def setup(self, stage: str | None = None) -> None:
+        """Before the model is built: every file of the stage's splits holds samples, ``.npy``
+        files agree in rows, and the training split makes a whole batch on every device."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("test",)}.get(stage, ("train", "val", "test"))
+        if "train" in splits and not self.files["train"]:
+            raise ValueError(NO_TRAIN_FILES)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        for split in splits:
+            files, budget = self.files[split], self.budgets[split]
+            if not files:
+                continue
+            need = self.batch_size * world if split == "train" else 1
+            if budget is not None:
+                need = min(need, budget)
+            stems = [npy_stem(f) for f in files]
+            if all(stems):
+                samples = len(NpySource(stems, self.hash_sizes))
+            else:
+                samples = 0
+                for path in files:
+                    lines = count_lines(path, max(need - samples, 1))
+                    if lines == 0:
+                        raise ValueError(f"{split}_files: {path} is empty; remove it from the "
+                                         "list or download it again")
+                    samples += lines
+            if budget is not None:
+                samples = min(samples, budget)
+            check_split_size(split, samples, self.batch_size, world,
+                             f"{split}_files {files}" if budget is None
+                             else f"{split}_samples {budget} of {split}_files {files}")
+
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=None, num_workers=self.num_workers)
+        train = split == "train"
+        return StreamLoader(self.dataset(split), self.num_workers, self.trainer if train else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -18,7 +18,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.ctr.batch import CTRSchema, make_bag_batch
-from datamodules.ctr.stream import BatchStream
+from datamodules.ctr.stream import BatchStream, StreamLoader
+from datamodules.loader import check_split_size
 
 SINGLE = ("user_id", "item_id", "age_bucket", "gender", "occupation", "zip_prefix", "decade")
 SPARSE_NAMES = SINGLE + ("genres",)
@@ -158,13 +159,19 @@ class MovieLens100K(LightningDataModule):
                      "train": np.sort(train_rows)}
         self.schema = CTRSchema(2, SPARSE_NAMES, self.tables.cardinalities)
 
+    def setup(self, stage: str | None = None) -> None:
+        """Check that the training split holds at least one batch per device."""
+        if stage in (None, "fit"):
+            world = self.trainer.world_size if self.trainer is not None else 1
+            check_split_size("train", len(self.rows["train"]), self.batch_size, world,
+                             "MovieLens-100k train split after train_samples")
+
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         stream = BatchStream(len(self.rows[split]), self.batch_size,
                              MovieLensSource(self.tables, self.rows[split]), drop_last=train,
                              shuffle_seed=self.seed if train else None)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return StreamLoader(stream, self.num_workers, self.trainer if train else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

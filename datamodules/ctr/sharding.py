@@ -8,6 +8,11 @@ each rank sees its batches in increasing ``k``, ranks differ by at most one batc
 sample is read by exactly one reader. With a sample budget
 the number of global batches is rounded down to a multiple of the world size, so every rank runs
 the same number of steps (a rank that runs out early would hang the others' collectives).
+
+Resuming mid-epoch: when the first ``first`` global batches were already trained on, the same
+rules apply to batches ``first, first + 1, ...`` (reader ``index`` reads ``first + index,
+first + index + S, ...``), so the samples read before and after the interruption are disjoint and
+together cover the epoch.
 """
 
 from __future__ import annotations
@@ -37,22 +42,23 @@ def current_reader() -> Reader:
 
 
 def num_global_batches(num_samples: int, batch_size: int, world_size: int,
-                       drop_last: bool) -> int:
-    """Global batches of a stream of ``num_samples`` samples.
+                       drop_last: bool, first: int = 0) -> int:
+    """Global batches of a stream of ``num_samples`` samples (the end of the batch numbers).
 
-    With ``drop_last`` a trailing partial batch is dropped and the count is rounded down to a
-    multiple of ``world_size`` (training: equal steps per rank). Without it the last batch may be
-    short and ranks may differ by one batch (evaluation loops that need no collectives per step).
+    With ``drop_last`` a trailing partial batch is dropped and the batches from ``first`` on are
+    rounded down to a multiple of ``world_size`` (training: equal steps per rank). Without it the
+    last batch may be short and ranks may differ by one batch (evaluation loops that need no
+    collectives per step).
     """
     if drop_last:
         full = num_samples // batch_size
-        return full - full % world_size
+        return max(first, full - (full - first) % world_size)
     return -(-num_samples // batch_size)
 
 
-def batches_for_reader(num_batches: int, reader: Reader) -> range:
-    """Global batch numbers that ``reader`` reads, in increasing order."""
-    return range(reader.index, num_batches, reader.count)
+def batches_for_reader(num_batches: int, reader: Reader, first: int = 0) -> range:
+    """Global batch numbers that ``reader`` reads, in increasing order, from batch ``first`` on."""
+    return range(first + reader.index, num_batches, reader.count)
 
 
 def batch_span(k: int, batch_size: int, num_samples: int) -> tuple[int, int]:

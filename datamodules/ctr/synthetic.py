@@ -17,7 +17,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.ctr.batch import CTRSchema, make_batch
-from datamodules.ctr.stream import BatchStream
+from datamodules.ctr.stream import BatchStream, StreamLoader
+from datamodules.loader import check_split_size
 
 # Per-feature distinct values of Criteo 1TB (as in the MLPerf DLRM reference).
 CRITEO_1TB_CARDINALITIES = (
@@ -162,6 +163,9 @@ class SyntheticCTR(LightningDataModule):
                             ("teacher_hidden", teacher_hidden), ("num_dense", num_dense)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
+        for name, value in (("val_samples", val_samples), ("test_samples", test_samples)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         if zipf_exponent <= 0:
             raise ValueError(f"zipf_exponent must be > 0, got {zipf_exponent!r}")
         if not 0.0 < base_rate < 1.0:
@@ -194,10 +198,20 @@ class SyntheticCTR(LightningDataModule):
         p = np.clip(prob.astype(np.float64), 1e-12, 1 - 1e-12)
         return float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p))))
 
+    def setup(self, stage: str | None = None) -> None:
+        """Check that the stage has data: a training budget of at least one batch per device
+        (an error), non-empty evaluation streams (a warning)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if stage in (None, "fit"):
+            check_split_size("train", self.train_samples, self.batch_size, world, "train_samples")
+        if stage in (None, "fit", "validate"):
+            check_split_size("val", self.val_samples, self.batch_size, where="val_samples")
+        if stage in (None, "test"):
+            check_split_size("test", self.test_samples, self.batch_size, where="test_samples")
+
     def _loader(self, split: str, num_samples: int, train: bool) -> DataLoader:
         stream = BatchStream(num_samples, self.batch_size, self.sources[split], drop_last=train)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return StreamLoader(stream, self.num_workers, self.trainer if train else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.train_samples, train=True)

@@ -144,3 +144,63 @@ def test_bad_settings(tmp_path):
         CriteoTSV(train_files=[str(tmp_path / "missing.tsv")])
     with pytest.raises(ValueError, match="hash_size"):
         CriteoTSV(train_files=[], hash_size=[10, 20])
+
+
+def test_shipped_mlperf_config_asks_for_train_files_before_building_the_model(capsys):
+    from lit.cli import main
+    from tests.conftest import CONFIGS
+
+    # setup() runs before configure_model: the 26 x 40M x 128 tables are never partitioned.
+    with pytest.raises(ValueError, match=r"--data.init_args.train_files="):
+        main(["fit", "--config", str(CONFIGS / "dlrm" / "criteo_mlperf.yaml"),
+              "--trainer.logger=false", "--trainer.accelerator=cpu"])
+
+
+def test_nothing_to_train_on_names_the_file_or_the_sizes(tmp_path):
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    gz = tmp_path / "empty.tsv.gz"
+    gz.write_bytes(gzip.compress(b""))
+    short = tmp_path / "short.tsv"
+    write_lines(short, 5)
+    for path in (empty, gz):
+        dm = CriteoTSV(train_files=[str(short), str(path)], batch_size=4, hash_size=10)
+        with pytest.raises(ValueError, match=f"{path.name} is empty"):
+            dm.setup("fit")
+    dm = CriteoTSV(train_files=[str(short)], batch_size=8, hash_size=10)
+    with pytest.raises(ValueError, match=r"short.tsv.*5 samples, fewer than one whole batch \(batch_size 8 = 8\)"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match=r"train_samples 3 of train_files"):
+        CriteoTSV(train_files=[str(short)], batch_size=4, hash_size=10, train_samples=3).setup("fit")
+    with pytest.raises(ValueError, match="train_files: no training files given"):
+        CriteoTSV(train_files=[], test_files=[str(short)], hash_size=10).setup("fit")
+    CriteoTSV(train_files=[], test_files=[str(short)], hash_size=10).setup("test")  # test only: fine
+    CriteoTSV(train_files=[str(short)], batch_size=5, hash_size=10).setup("fit")  # one batch: fine
+    with pytest.warns(UserWarning, match="val split .*val_samples 0.* is empty"):
+        CriteoTSV(train_files=[str(short)], val_files=[str(short)], val_samples=0, batch_size=5,
+                  hash_size=10).setup("fit")
+
+
+def test_npy_files_whose_rows_disagree_are_named_at_setup(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "day_0_dense.npy", rng.random((20, 13), dtype=np.float32))
+    np.save(tmp_path / "day_0_sparse.npy", rng.integers(0, 10, (19, 26)))
+    np.save(tmp_path / "day_0_labels.npy", rng.integers(0, 2, (20, 1)))
+    dm = CriteoTSV(train_files=[str(tmp_path / "day_0_dense.npy")], batch_size=4, hash_size=10)
+    with pytest.raises(ValueError, match=r"day_0_dense.npy has 20, .*day_0_sparse.npy has 19, .*day_0_labels.npy has 20"):
+        dm.setup("fit")
+    np.save(tmp_path / "day_0_sparse.npy", rng.integers(0, 10, (20, 25)))
+    with pytest.raises(ValueError, match=r"expected \(N, 13\), \(N, 26\)"):
+        dm.setup("fit")
+
+
+def test_truncated_gzip_is_named(tmp_path):
+    path = tmp_path / "a.tsv"
+    write_lines(path, 400)
+    data = gzip.compress(path.read_bytes())
+    bad = tmp_path / "day.tsv.gz"
+    bad.write_bytes(data[: len(data) // 2])
+    dm = CriteoTSV(train_files=[str(bad)], batch_size=8, hash_size=10)
+    dm.setup("fit")  # the first lines read fine
+    with pytest.raises(ValueError, match=r"day.tsv.gz: unreadable after line \d+ .*download or decompress it again"):
+        list(dm.train_dataloader())

@@ -85,3 +85,39 @@ def test_bad_arguments_are_rejected() -> None:
         FashionMNIST(batch_size=0)
     with pytest.raises(ValueError, match="val_size"):
         FashionMNIST(val_size=60000)
+
+
+def _idx_files(directory: Path) -> None:
+    """The four files of a tiny valid Fashion-MNIST: 3 train and 2 test images of 28x28."""
+    directory.mkdir()
+    for stem, n in (("train", 3), ("t10k", 2)):
+        images = bytes([0, 0, 8, 3]) + b"".join(v.to_bytes(4, "big") for v in (n, 28, 28))
+        labels = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
+        (directory / f"{stem}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images + bytes(n * 784)))
+        (directory / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels + bytes(n)))
+
+
+def test_truncated_or_bad_crc_gz_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    data = tmp_path / "fmnist"
+    _idx_files(data)
+    assert load_split(data, "test")[0].shape == (2, 28, 28)
+    path = data / "t10k-images-idx3-ubyte.gz"
+    good = path.read_bytes()
+    crc = bytearray(good)
+    crc[-8] ^= 0xFF  # the gzip trailer's CRC32
+    for damaged in (good[: len(good) // 2], bytes(crc)):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: damaged .*"
+                                             r"apt-get install --reinstall dataset-fashion-mnist"):
+            load_split(data, "test")
+    assert load_split(data, "train")[0].shape == (3, 28, 28)  # the other split still loads
+
+
+def test_empty_validation_split_is_a_warning(tmp_path: Path) -> None:
+    data = tmp_path / "fmnist"
+    _idx_files(data)
+    dm = FashionMNIST(data_dir=str(data), batch_size=2, val_size=0)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1  # 3 images, ragged last batch dropped
+    with pytest.warns(UserWarning, match="val split is empty"):
+        dm.val_dataloader()

@@ -96,3 +96,33 @@ def test_bad_input_names_the_field(tmp_path) -> None:
         ImageFolder(str(tmp_path), in_chans=1, mean=[0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="image_size must be >= 1"):
         ImageFolder(str(tmp_path), image_size=0)
+
+
+def _with_truncated_jpeg(photo_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(photo_folder, root)
+    victim = root / "train" / "china" / "3.jpg"
+    victim.write_bytes(victim.read_bytes()[:400])  # cut inside the entropy-coded data
+    return root, victim
+
+
+def test_truncated_jpeg_is_named_or_skipped_and_counted(photo_folder, tmp_path, caplog) -> None:
+    root, victim = _with_truncated_jpeg(photo_folder, tmp_path)
+    data = ImageFolder(str(root), image_size=32, batch_size=4, num_workers=0)
+    data.setup("fit")
+    with pytest.raises(ValueError, match=f"{victim}: not a readable image .*remove or replace the "
+                                         "file, or set --data.init_args.on_bad_image skip"):
+        for _ in data.train_dataloader():
+            pass
+    data = ImageFolder(str(root), image_size=32, batch_size=4, num_workers=0, on_bad_image="skip")
+    data.setup("fit")
+    with caplog.at_level("WARNING", logger="datamodules.image_folder"):
+        sizes = [len(labels) for _, labels in data.train_dataloader()]
+        sizes += [len(labels) for _, labels in data.train_dataloader()]
+    assert sum(sizes) == 2 * (12 - 1)  # the bad image left out of both epochs, the rest kept
+    assert data.train_set.skipped == 2
+    assert str(victim) in caplog.text and "2 skipped so far" in caplog.text
+    with pytest.raises(ValueError, match="on_bad_image must be 'error' or 'skip'"):
+        ImageFolder(str(root), on_bad_image="ignore")

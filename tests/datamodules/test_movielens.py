@@ -55,3 +55,9 @@ def test_bad_settings():
         MovieLens100K(val_fraction=0.7, test_fraction=0.5)
     with pytest.raises(FileNotFoundError, match="recbole"):
         MovieLens100K(data_dir="/nonexistent")
+
+
+def test_train_split_smaller_than_a_batch_is_an_error(dm, monkeypatch):
+    monkeypatch.setattr(dm, "batch_size", 90_000)  # 80,000 training ratings
+    with pytest.raises(ValueError, match=r"80000 samples, fewer than one whole batch \(batch_size 90000"):
+        dm.setup("fit")

@@ -71,3 +71,14 @@ def test_bad_settings():
         SyntheticCTR(base_rate=1.5, **SMALL)
     with pytest.raises(ValueError, match="cardinalities"):
         SyntheticCTR(cardinalities=[], num_dense=4)
+
+
+def test_budget_smaller_than_a_batch_is_an_error_naming_the_sizes():
+    dm = SyntheticCTR(batch_size=512, train_samples=300, **SMALL)
+    with pytest.raises(ValueError, match=r"train_samples.*300 samples, fewer than one whole batch \(batch_size 512 = 512\)"):
+        dm.setup("fit")
+    dm.setup("test")  # the training budget does not matter for testing
+    with pytest.warns(UserWarning, match="val split .*val_samples.* is empty"):
+        SyntheticCTR(batch_size=512, train_samples=512, **{**SMALL, "val_samples": 0}).setup("fit")
+    with pytest.raises(ValueError, match="val_samples must be >= 0"):
+        SyntheticCTR(**{**SMALL, "val_samples": -1})
