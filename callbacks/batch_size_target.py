@@ -18,7 +18,8 @@ multi-process run the energy is this process's GPU times the number of processes
 GPUs draw alike). Off CUDA (or with ``measure_energy: false``) the cost is seconds.
 
 States (``self.state``): ``"running"`` -> ``"reached"`` (target met at a validation) |
-``"stopped"`` (cost passed ``cost_limit``; checked after every training batch and validation) |
+``"stopped"`` (cost passed ``cost_limit``; checked after every training batch, or with several
+processes at every validation, where they decide together) |
 ``"not_reached"`` (training ended without either: the epoch budget ran out).
 """
 
@@ -161,7 +162,8 @@ class BatchSizeTarget(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        self._check_cost(trainer)
+        if trainer.world_size == 1:  # several processes decide together, at validation ends
+            self._check_cost(trainer)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -172,7 +174,9 @@ class BatchSizeTarget(Callback):
             raise ValueError(f"BatchSizeTarget: monitor {self.monitor!r} was not logged in "
                              f"validation; logged: {sorted(trainer.callback_metrics)}")
         self.metric = float(value)
-        if met(self.metric, self.target, self.mode):
+        # every process must stop at the same step: take the decision together
+        if trainer.strategy.reduce_boolean_decision(met(self.metric, self.target, self.mode),
+                                                    all=False):
             self._freeze(trainer)
             self.state = "reached"
             trainer.should_stop = True
@@ -185,7 +189,7 @@ class BatchSizeTarget(Callback):
         if self.state != "running" or self.cost_limit is None or self._start is None:
             return
         cost = self._cost(trainer, exact=exact)
-        if cost > self.cost_limit:
+        if trainer.strategy.reduce_boolean_decision(cost > self.cost_limit, all=False):
             self._freeze(trainer)
             self.state = "stopped"
             trainer.should_stop = True

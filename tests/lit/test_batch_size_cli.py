@@ -120,3 +120,20 @@ def test_parsing_and_bad_input(tmp_path, capsys) -> None:
     assert "--lr-rule linear needs an lr" in capsys.readouterr().err
     with pytest.raises(ValueError, match="default 3 is not among"):
         Landscape(3, arms={8: Arm(1.0, 0.0)})
+
+
+@pytest.mark.slow  # two gloo processes
+@needs_fmnist
+def test_ddp_run_stops_together_and_records_once(tmp_path) -> None:
+    hist = tmp_path / "bs.sqlite"
+    proc = wrapper("run", "--config", str(CONFIGS / "quickstart.yaml"), "--batch-sizes", "64", "128",
+                   "--target", "val/acc>=0.05", "--history", str(hist), "--",
+                   "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                   "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+                   "--trainer.max_epochs", "3", "--test_after_fit", "false",
+                   "--trainer.enable_progress_bar", "false",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}",
+                   f"--trainer.default_root_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = History(hist).runs()
+    assert (run.status, run.steps, run.epochs) == ("reached", 4, 1.0)  # first validation met it
