@@ -127,3 +127,21 @@ def test_interrupted_wrapper_stops_its_run_and_records_it_failed(tmp_path) -> No
     assert (run.status, run.batch_size, run.note) == ("failed", 128, "interrupted by SIGTERM")
     children = subprocess.run(["pgrep", "-f", str(tmp_path / "h.runs")], capture_output=True)
     assert children.stdout == b""  # the training process group is gone too
+
+
+def test_crashing_run_is_recorded_failed_and_its_size_dropped(tmp_path) -> None:
+    """A real `lit fit` that exits with an error: failed with its exit code; after
+    --max-failures such runs the default size is refused with a clear message."""
+    hist = tmp_path / "h.sqlite"
+    cmd = [sys.executable, "-m", "lit.batch_size", "run", "--config",
+           str(ROOT / "configs/quickstart.yaml"), "--batch-sizes", "64", "128", "--target",
+           "val/acc>=0.5", "--history", str(hist), "--max-failures", "1", "--",
+           "--trainer.max_epochs", "not-a-number"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "failed (exit code 2)" in first.stdout
+    (run,) = History(hist).runs()
+    assert (run.status, run.batch_size, run.note, run.cost) == ("failed", 128, "exit code 2", None)
+    assert "max_epochs" in (hist.parent / "h.runs" / "run1.log").read_text()
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "default batch size 128 failed 1 times" in second.stderr
