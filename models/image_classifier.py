@@ -11,13 +11,19 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import timm
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from timm.data import Mixup, resolve_model_data_config
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
-from lit.module import LitModule, default_optimizer
+import models.timm_tiny  # noqa: F401  (registers the 28x28 models)
+from lit.module import decay_groups, default_optimizer
+from models.classifier import ClassifierModule
+from models.patch_dropout import install_patch_dropout
+from models.swin_patch_dropout import install_swin_patch_dropout
 
 
 def build_backbone(
@@ -35,24 +41,24 @@ def build_backbone(
 
     PatchDropout goes into ViT/DeiT's ``patch_drop`` slot or turns a Swin into
     :class:`models.swin_patch_dropout.PatchDropoutSwinTransformer`; neither adds parameters, so
-    the state dict stays timm's.
+    the state dict stays timm's. Only a fixed keep rate of exactly 1.0 leaves the model as it is;
+    every other value goes to the layer, which checks it.
     """
     if isinstance(backbone, nn.Module):
         model = backbone
     else:
         model = create_timm_model(backbone, num_classes, in_chans, img_size, pretrained, drop_path_rate)
-    if keep_rate < 1.0 or keep_rate_schedule == "random":
-        install_any_patch_dropout(model, keep_rate, keep_rate_schedule, ordered)
+    if keep_rate != 1.0 or keep_rate_schedule != "fixed":
+        if isinstance(model, SwinTransformer):
+            install_swin_patch_dropout(model, keep_rate, keep_rate_schedule)
+        else:
+            install_patch_dropout(model, keep_rate, keep_rate_schedule, ordered)
     return model
 
 
 def create_timm_model(name: str, num_classes: int, in_chans: int, img_size: int | None,
                       pretrained: bool, drop_path_rate: float) -> nn.Module:
     """``timm.create_model`` with this project's tiny models registered and a clear error."""
-    import timm
-
-    import models.timm_tiny  # noqa: F401  (registers the 28x28 models)
-
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": pretrained}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -69,21 +75,15 @@ def create_timm_model(name: str, num_classes: int, in_chans: int, img_size: int 
         ) from err
 
 
-def install_any_patch_dropout(model: nn.Module, keep_rate: float,
-                              schedule: Literal["fixed", "random"], ordered: bool) -> nn.Module:
-    """Install the PatchDropout that fits ``model`` (Swin or a ViT with a ``patch_drop`` slot)."""
-    from timm.models.swin_transformer import SwinTransformer
-
-    if isinstance(model, SwinTransformer):
-        from models.swin_patch_dropout import install_swin_patch_dropout
-
-        return install_swin_patch_dropout(model, keep_rate, schedule)
-    from models.patch_dropout import install_patch_dropout
-
-    return install_patch_dropout(model, keep_rate, schedule, ordered)
+def example_images(model: nn.Module) -> torch.Tensor:
+    """One zero image ``(1, C, H, W)`` of the size ``model`` takes (for the model summary's FLOPs)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        return torch.zeros(1, embed.proj.in_channels, *embed.img_size)
+    return torch.zeros(1, *resolve_model_data_config(model)["input_size"])
 
 
-class ImageClassifier(LitModule):
+class ImageClassifier(ClassifierModule):
     """Classifier on a timm backbone with optional PatchDropout.
 
     Args:
@@ -108,7 +108,8 @@ class ImageClassifier(LitModule):
 
     Logged at train time: ``train/loss``, ``train/acc``, ``train/images_per_s``,
     ``train/keep_rate`` and ``train/tokens_kept`` (patch tokens per image entering the first
-    block; for Swin the first stage's tokens).
+    block; for Swin the first stage's tokens). The model summary's FLOPs are those of one
+    full-size image in eval mode (every patch).
     """
 
     def __init__(
@@ -130,65 +131,58 @@ class ImageClassifier(LitModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, monitor="val/loss")
-        if not 0.0 < keep_rate <= 1.0:
-            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate!r}")
-        if keep_rate_schedule not in ("fixed", "random"):
-            raise ValueError(f"keep_rate_schedule must be 'fixed' or 'random', got {keep_rate_schedule!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got "
                              f"{mixup_alpha!r} and {cutmix_alpha!r}")
         if throughput_every_n_steps < 1:
             raise ValueError(f"throughput_every_n_steps must be >= 1, got {throughput_every_n_steps!r}")
+        net = build_backbone(backbone, num_classes, in_chans, img_size, keep_rate, pretrained,
+                             drop_path_rate, keep_rate_schedule, ordered)
+        classes = getattr(net, "num_classes", num_classes)
+        super().__init__(classes, label_smoothing, optimizer, lr_scheduler, lr_scheduler_interval)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.backbone = build_backbone(
-            backbone, num_classes, in_chans, img_size, keep_rate, pretrained, drop_path_rate,
-            keep_rate_schedule, ordered,
-        )
-        self.keep_rate = keep_rate
-        self.label_smoothing = label_smoothing
-        classes = getattr(self.backbone, "num_classes", num_classes)
+        self.backbone = net
+        self.example_input_array = example_images(net)
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
-            from timm.data import Mixup
-
             self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
                                label_smoothing=label_smoothing, num_classes=classes)
         self.throughput_every_n_steps = throughput_every_n_steps
-        self.train_acc = MulticlassAccuracy(classes, average="micro")
-        self.val_acc = MulticlassAccuracy(classes, average="micro")
-        self.test_acc = MulticlassAccuracy(classes, average="micro")
         self._window_start: float | None = None
         self._window_images = 0
 
+    @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         return self.backbone(images)
 
-    def optimizer_groups(self):
-        from lit.module import decay_groups
-
+    @override
+    def optimizer_groups(self) -> list[dict]:
         return decay_groups(self.backbone)
 
+    @override
+    def split_batch(self, batch) -> tuple[tuple[torch.Tensor], torch.Tensor | None]:
+        if isinstance(batch, torch.Tensor):
+            return (batch,), None
+        return (batch[0],), (batch[1] if len(batch) > 1 else None)
+
+    @override
+    def training_loss(self, inputs: tuple[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is None:
+            return super().training_loss(inputs, labels)
+        mixed, soft = self.mixup(inputs[0], labels)  # soft targets include label smoothing
+        logits = self(mixed)
+        return logits, torch.sum(-soft * logits.log_softmax(dim=-1), dim=-1).mean()
+
+    @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        if self.mixup is not None:
-            mixed, soft = self.mixup(images, labels)  # soft targets include label smoothing
-            logits = self(mixed)
-            loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        else:
-            logits = self(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.train_acc(logits.detach(), labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        loss = super().training_step(batch, batch_idx)
         layer = getattr(self.backbone, "patch_drop", None)
         if getattr(layer, "last_tokens", None) is not None:
             self.log("train/keep_rate", float(layer.last_keep_rate))
             self.log("train/tokens_kept", float(layer.last_tokens))
         return loss
 
+    @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Throughput over windows of steps: one device sync per window, not per step.
         self._window_images += batch[0].shape[0]
@@ -200,23 +194,6 @@ class ImageClassifier(LitModule):
                 self.log("train/images_per_s", self._window_images / max(now - self._window_start, 1e-9))
             self._window_start, self._window_images = now, 0
 
+    @override
     def on_train_epoch_start(self) -> None:
         self._window_start, self._window_images = None, 0
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).argmax(dim=-1)
-
-    def _eval_step(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        metric(logits, labels)
-        self.log(f"{stage}/loss", loss, sync_dist=True, prog_bar=stage == "val")
-        self.log(f"{stage}/acc", metric, prog_bar=True)

@@ -19,7 +19,8 @@ Two choices the sources leave open are arguments here:
 The layer goes into timm's ``VisionTransformer.patch_drop`` slot (see :func:`install_patch_dropout`),
 which runs right after ``_pos_embed``; DeiT's distilled model works too, because the number of
 prefix tokens is read from the built model (timm's own ``patch_drop_rate`` counts only the class
-token there and can drop the distillation token).
+token there and can drop the distillation token). The drop itself is timm's
+``patch_dropout_forward``; this module adds the schedule, the exact token count and the logging.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from timm.layers.patch_dropout import patch_dropout_forward
 from torch import nn
+from typing_extensions import override
 
 KeepRateSchedule = Literal["fixed", "random"]
 
@@ -44,31 +47,11 @@ def sample_keep_rate(generator: torch.Generator | None = None) -> float:
     return 1.0 - int(torch.randint(0, 11, (), generator=generator).item()) / 20.0
 
 
-def patch_keep_indices(
-    batch: int,
-    num_patches: int,
-    keep: int,
-    ordered: bool,
-    device: torch.device | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Indices ``(batch, keep)`` of the kept patches: per row a uniform subset, sorted if ``ordered``."""
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
-    # topk of uniform noise = the first `keep` entries of a uniform random permutation.
-    idx = noise.topk(keep, dim=1, sorted=False).indices
-    if ordered:
-        idx = idx.sort(dim=1).values
-    return idx
-
-
 def patch_dropout(
-    x: torch.Tensor,
-    keep_rate: float,
-    num_prefix_tokens: int,
-    ordered: bool = True,
-    generator: torch.Generator | None = None,
+    x: torch.Tensor, keep_rate: float, num_prefix_tokens: int, ordered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Drop patch tokens of ``x`` ``(B, P + L, D)`` (``P`` prefix tokens first).
+    """Drop patch tokens of ``x`` ``(B, P + L, D)`` (``P`` prefix tokens first) with timm's
+    ``patch_dropout_forward``, keeping exactly :func:`keep_count` patches.
 
     Returns ``(B, P + k, D)`` and the kept patch indices ``(B, k)`` (``None`` when nothing is
     dropped, in which case ``x`` is returned as it is).
@@ -77,12 +60,11 @@ def patch_dropout(
     keep = keep_count(num_patches, keep_rate)
     if keep >= num_patches:
         return x, None
-    idx = patch_keep_indices(x.shape[0], num_patches, keep, ordered, x.device, generator)
-    patches = x[:, num_prefix_tokens:]
-    kept = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, k, D)
-    if num_prefix_tokens:
-        kept = torch.cat([x[:, :num_prefix_tokens], kept], dim=1)
-    return kept, idx
+    # timm keeps max(1, int(L * (1 - prob))). With prob = 1 - keep_rate the float rounding of
+    # 1 - (1 - keep_rate) loses a token for some (L, keep_rate) (399 pairs below L = 4000);
+    # asking for keep + 0.5 tokens yields exactly `keep` for every L.
+    prob = 1.0 - (keep + 0.5) / num_patches
+    return patch_dropout_forward(x, prob, num_prefix_tokens, ordered, training=True)
 
 
 class PatchDropout(nn.Module):
@@ -118,15 +100,11 @@ class PatchDropout(nn.Module):
         self.last_tokens: int | None = None
         self.last_indices: torch.Tensor | None = None
 
-    @property
-    def prob(self) -> float:
-        """Drop probability, timm's name for ``1 - keep_rate``."""
-        return 1.0 - self.keep_rate
-
     def step_keep_rate(self) -> float:
         """The keep rate of this training step (drawn anew for ``schedule="random"``)."""
         return sample_keep_rate() if self.schedule == "random" else self.keep_rate
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P + L, D) -> (B, P + k, D)
         if not self.training:
             return x
@@ -135,6 +113,7 @@ class PatchDropout(nn.Module):
         self.last_tokens = x.shape[1] - self.num_prefix_tokens
         return x
 
+    @override
     def extra_repr(self) -> str:
         return (f"keep_rate={self.keep_rate}, schedule={self.schedule!r}, ordered={self.ordered}, "
                 f"num_prefix_tokens={self.num_prefix_tokens}")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
+from typing_extensions import override
 
 from models.patch_dropout import KeepRateSchedule, check_keep_rate, sample_keep_rate
 
@@ -219,6 +220,7 @@ class SwinPatchDropout(nn.Module):
             return None
         return sample_rows_cols(batch, self.window, n, device)
 
+    @override
     def extra_repr(self) -> str:
         return f"keep_rate={self.keep_rate}, schedule={self.schedule!r}, window={self.window}"
 
@@ -232,6 +234,7 @@ class PatchDropoutSwinTransformer(SwinTransformer):
 
     patch_drop: SwinPatchDropout
 
+    @override
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         selection = self.patch_drop.sample(x.shape[0], x.device) if self.training else None
         if selection is None:
@@ -250,6 +253,7 @@ def install_swin_patch_dropout(model: nn.Module, keep_rate: float,
         raise ValueError(f"backbone: Swin PatchDropout needs a timm SwinTransformer, got {type(model).__name__}")
     window = _pair(model.layers[0].blocks[0].window_size)
     grid = tuple(model.patch_embed.grid_size)
+    layer = SwinPatchDropout(keep_rate, schedule, window[0])  # checks the keep rate first
     if window[0] != window[1]:
         raise ValueError(f"backbone: Swin PatchDropout needs square windows, got {window}")
     if grid[0] % window[0] or grid[1] % window[1]:
@@ -257,7 +261,6 @@ def install_swin_patch_dropout(model: nn.Module, keep_rate: float,
             f"img_size: the patch grid {grid} must be a multiple of the window size {window[0]} for "
             f"Swin PatchDropout; use e.g. img_size {window[0] * math.ceil(grid[0] / window[0]) * 4} "
             "for patch size 4")
-    layer = SwinPatchDropout(keep_rate, schedule, window[0])
     model.__class__ = PatchDropoutSwinTransformer
     model.patch_drop = layer
     return layer

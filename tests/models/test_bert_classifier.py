@@ -15,7 +15,8 @@ from tests.conftest import CONFIGS, cli_args, run_lit
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "max_position_embeddings": 64}
-BERT_CONFIGS = sorted((CONFIGS / "bert").glob("*.yaml"))
+# Full recipes (overlays such as int8_eval.yaml add callbacks to one of them and have no model).
+BERT_CONFIGS = [p for p in sorted((CONFIGS / "bert").glob("*.yaml")) if "\nmodel:" in "\n" + p.read_text()]
 
 
 def test_minilm_loads_the_package_weights_offline():
