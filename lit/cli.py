@@ -21,8 +21,10 @@ What it adds to Lightning's CLI:
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instant
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from callbacks.run_hparams import RunHparams, flat_hparams
 from callbacks.signal_checkpoint import SignalCheckpoint, StopRequested
 from lit.checkpoints import check_checkpoint, version_of_checkpoint
 from lit.module import LitModule
@@ -77,7 +80,7 @@ class LitCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", "prog": "python -m lit"})
         super().__init__(*args, **kwargs)
 
     @override
@@ -105,7 +108,11 @@ class LitCLI(LightningCLI):
             self.argv: list[str] | None = None
             self.config = parser.parse_object(args)
         else:
-            self.argv = list(sys.argv[1:] if args is None else args)
+            self.argv = help_for_class(list(sys.argv[1:] if args is None else args))
+            for path in config_files(self.argv):
+                problem = yaml_problem(path)
+                if problem:
+                    parser.error(problem)
             self.config = parser.parse_args(qualify_short_names(self.argv))
 
     @override
@@ -113,7 +120,8 @@ class LitCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # the user's word beats our default
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if self.subcommand == "fit":
-            callbacks = [*callbacks, SignalCheckpoint()]
+            resolved = self.config.get(self.subcommand, self.config).as_dict()
+            callbacks = [*callbacks, SignalCheckpoint(), RunHparams(flat_hparams(resolved))]
         return super()._instantiate_trainer(config, callbacks)
 
     @override
@@ -123,6 +131,10 @@ class LitCLI(LightningCLI):
             check_checkpoint(ckpt_path, self.model)
             if subcommand == "fit" and self._get(self.config, "resume_same_version", True):
                 self._log_into_version_of(ckpt_path)
+        # RunHparams logs one readable hparams entry; Lightning's own would be a second one.
+        for obj in (self.model, self.datamodule):
+            if obj is not None:
+                obj._log_hyperparams = False
         try:
             super()._run_subcommand(subcommand)
         except StopRequested as stop:
@@ -209,6 +221,45 @@ def qualify_short_names(args: list[str]) -> list[str]:
     return out
 
 
+def help_for_class(argv: list[str]) -> list[str]:
+    """``fit --model models.X --help`` -> ``fit --model.help models.X`` (likewise ``--data``):
+    the arguments of that class rather than the whole CLI's."""
+    if "--help" not in argv and "-h" not in argv:
+        return argv
+    for i, arg in enumerate(argv):
+        for key in ("--model", "--data"):
+            if arg == key and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                return [*argv[:i], f"{key}.help", argv[i + 1]]
+            if arg.startswith(key + "="):
+                return [*argv[:i], f"{key}.help", arg[len(key) + 1:]]
+    return argv
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The files given with ``--config`` (as ``--config F`` or ``--config=F``)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            out.append(arg[len("--config="):])
+    return [path for path in out if Path(path).is_file()]
+
+
+def yaml_problem(path: str) -> str | None:
+    """A YAML syntax error in ``path`` as one message naming the file, line and column."""
+    import yaml
+
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" line {where.line + 1}, column {where.column + 1}" if where else ""
+        what = getattr(error, "problem", None) or str(error)
+        return f"--config {path}:{at}: YAML syntax error: {what}"
+    return None
+
+
 def resume_command(argv: list[str], ckpt_path: str) -> str:
     """``python -m lit ARGV`` with ``--ckpt_path`` set to ``ckpt_path`` (replacing a given one)."""
     out, skip = [], False
@@ -238,6 +289,34 @@ def is_overridden_test(model: LightningModule, datamodule: LightningDataModule |
     return datamodule is not None and is_overridden("test_dataloader", datamodule)
 
 
+def quiet_third_party() -> None:
+    """Silence third-party messages that ask nothing of the user of this CLI.
+
+    * torchrec's planner warns that ``Topology`` was built directly and that its storage
+      estimate may be off: we build the topology for the devices Lightning chose and plan
+      fused tables, so neither applies (and "otherwise, the job will fail" is not true here).
+    * torch deprecates ``ShardedTensor``, which torchrec still hands out; fbgemm and torch.fx
+      log internal deprecations; Lightning advertises a cloud logger.
+    * Lightning warns that an ``IterableDataset`` with ``__len__`` may be inexact with several
+      workers: the CTR streams split their batches exactly between workers and ranks.
+    """
+    for message, category in (
+        (r".*HeuristicalStorageReservation is known to cause issues", FutureWarning),
+        (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+        (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
+        (r"Your `IterableDataset` has `__len__` defined", Warning),
+        (r"\s*Failed to import: fbgemm_gpu", Warning),
+        (r"\s*The Python module fbgemm_gpu.split_table_batched_embeddings_ops is now DEPRECATED",
+         Warning),
+    ):
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("torchrec.distributed.planner", "torch.fx._symbolic_trace"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+
+
 def main(args: list[str] | None = None) -> LitCLI:
     """Entry point of ``python -m lit``."""
+    quiet_third_party()
     return LitCLI(args=args)

@@ -81,6 +81,10 @@ class LitModule(LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.monitor = monitor
 
+    def extra_hparams(self) -> dict[str, float | int | str]:
+        """Facts about the built model to log with the run's hyperparameters (override)."""
+        return {}
+
     def optimizer_groups(self) -> list[dict] | list[nn.Parameter]:
         """Parameters (or param groups) handed to the optimizer; override to customise."""
         return decay_groups(self)

@@ -12,6 +12,7 @@ torchrec) embedding dim.
 
 from __future__ import annotations
 
+import time
 from typing import Literal, get_args
 
 import torch
@@ -116,6 +117,7 @@ class DLRMModule(LitModule):
         # Saved in checkpoints, so a mid-epoch resume reports the whole epoch's mean.
         self._progressive = torch.zeros(2, dtype=torch.float64)
         self.size_report: dict[str, int] = {}
+        self._step_clock: float | None = None
 
     # --- network -------------------------------------------------------------------------------
 
@@ -181,9 +183,9 @@ class DLRMModule(LitModule):
         the scheduler wiring is the base class's."""
         return make_fused_dense_optimizer(self.model, self.optimizer(self.optimizer_groups()))
 
-    def on_fit_start(self) -> None:
-        for logger in self.loggers:
-            logger.log_hyperparams(self.size_report)
+    def extra_hparams(self) -> dict[str, int]:
+        """Embedding and dense parameter counts and forward FLOPs per sample (the paper's axes)."""
+        return dict(self.size_report)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
@@ -196,6 +198,12 @@ class DLRMModule(LitModule):
         self.step_schedulers("step")
         size = batch.labels.numel()
         self.samples_seen += size * self.trainer.world_size
+        # Throughput over the wall time since the previous step (data loading included).
+        now = time.perf_counter()
+        if self._step_clock is not None:
+            self.log("train/samples_per_s", size * self.trainer.world_size / (now - self._step_clock),
+                     on_step=True, on_epoch=False)
+        self._step_clock = now
         loss = loss.detach().double()
         self._progressive = self._progressive.to(loss.device) + torch.stack(
             [loss * size, loss.new_tensor(float(size))])
@@ -219,6 +227,7 @@ class DLRMModule(LitModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        self._step_clock = None  # the next step's interval would include validation
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
