@@ -54,7 +54,7 @@ def add_run_parser(sub) -> None:
     p.add_argument("--window", type=int, default=0, help="last N observations per size (0: all)")
     p.add_argument("--rounds", type=int, default=2, help="pruning rounds (Zeus: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Thompson sampler")
-    p.add_argument("--job", help="job name in the history (default: the config's file name)")
+    p.add_argument("--job", help="job name in the history (default: CONFIG_STEM:TARGET)")
     p.add_argument("--recurrences", type=int, default=1, help="how many runs, one after another")
     p.add_argument("--max-failures", type=int, default=2,
                    help="drop a size after this many failed runs and no finished one")
@@ -87,6 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for _ in range(args.recurrences):
         status = max(status, run_once(args, history, job, job_cfg, target, candidates, default,
                                       beta, extra, logs))
+        if status == 2:  # every size pruned: nothing left to run
+            break
     print_table(history, job)
     return status
 
@@ -118,6 +120,7 @@ def run_once(args, history: History, job: str, job_cfg: JobConfig, target: Targe
         print(f"[batch_size] {err}", file=sys.stderr)
         return 2
     result_path = logs / f"run{run.id}.json"
+    result_path.unlink(missing_ok=True)  # left by an earlier history file: never read it
     cmd = fit_command(job_cfg, run.batch_size, run.lr, target, result_path, run.cost_limit,
                       args.eta, args.max_power_w, extra)
     limit = f"{run.cost_limit:.1f}" if run.cost_limit is not None else "none"
