@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -29,6 +30,23 @@ def indexed_tokens(batch: int, prefix: int, patches: int) -> torch.Tensor:
                                                      (49, 0.75, 36), (784, 0.25, 196), (10, 0.01, 1)])
 def test_keep_count_is_floor_with_at_least_one(patches: int, keep: float, expected: int) -> None:
     assert keep_count(patches, keep) == expected
+
+
+@pytest.mark.parametrize("patches, keep", [(10, 0.1), (100, 0.1), (49, 0.5), (196, 0.25), (3, 0.99)])
+def test_token_count_is_exact_where_one_minus_prob_rounds_down(patches: int, keep: float) -> None:
+    """timm counts int(L * (1 - prob)); with prob = 1 - keep that is one short for (10, 0.1)."""
+    out, idx = patch_dropout(indexed_tokens(2, 1, patches), keep, 1)
+    assert out.shape[1] == 1 + keep_count(patches, keep) and idx.shape == (2, keep_count(patches, keep))
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_the_drop_is_timms_patch_dropout_forward(ordered: bool) -> None:
+    x = torch.randn(3, 2 + 40, 8)
+    torch.manual_seed(5)
+    ours = patch_dropout(x, 0.5, 2, ordered)
+    torch.manual_seed(5)
+    reference = patch_dropout_forward(x, 1 - 20.5 / 40, 2, ordered, training=True)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 2, 5])

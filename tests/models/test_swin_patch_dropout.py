@@ -164,6 +164,12 @@ def test_bad_configuration_names_the_field() -> None:
         install_swin_patch_dropout(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="keep_rate must be in"):
         install_swin_patch_dropout(_swin(), 0.0)
+    with pytest.raises(ValueError, match="keep_rate_schedule must be 'fixed' or 'random', got 'cosine'"):
+        install_swin_patch_dropout(_swin(), 0.5, "cosine")
+    with pytest.raises(ValueError, match=r"backbone: Swin PatchDropout needs square windows, got \(7, 14\)"):
+        install_swin_patch_dropout(_swin(window_size=(7, 14)), 0.5)
+    with pytest.raises(ValueError, match=r"backbone: Swin PatchDropout needs square windows"):
+        ImageClassifier(backbone=_swin(window_size=(7, 14)), keep_rate=0.5)
 
 
 @pytest.mark.gpu
