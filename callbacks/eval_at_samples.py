@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from models.dlrm.metrics import CTRMetrics
+
 
 def crossed(points: list[int], before: int, after: int) -> list[int]:
     """Eval points in ``(before, after]``: the ones a step from ``before`` to ``after`` samples passed."""
@@ -23,8 +25,6 @@ def crossed(points: list[int], before: int, after: int) -> list[int]:
 @torch.no_grad()
 def evaluate(module: LightningModule, loader, device: torch.device) -> dict[str, float]:
     """CTR metrics of ``module`` (a :class:`models.DLRMModule`) over ``loader``."""
-    from models.dlrm.metrics import CTRMetrics
-
     metrics = CTRMetrics().to(device)
     was_training = module.training
     module.eval()
@@ -52,6 +52,7 @@ class EvalAtSamples(Callback):
         self.at_samples = sorted(set(at_samples or []))
         self.every_samples = every_samples
         self.history: list[dict[str, float]] = []
+        self._before = 0
 
     def _points(self, before: int, after: int) -> list[int]:
         points = crossed(self.at_samples, before, after)
@@ -59,6 +60,15 @@ class EvalAtSamples(Callback):
             points += [p for p in range(self.every_samples * (before // self.every_samples + 1),
                                         after + 1, self.every_samples) if p not in points]
         return sorted(points)
+
+    @override
+    def state_dict(self) -> dict:
+        return {"history": [dict(point) for point in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run keeps the points evaluated before the interruption."""
+        self.history = [dict(point) for point in state_dict.get("history", [])]
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch,

@@ -52,6 +52,42 @@ def test_bad_knobs():
         DLRMModule(num_dense_features=3)
     with pytest.raises(ValueError, match="embedding_optimizer"):
         DLRMModule(embedding_optimizer="lamb")
+    with pytest.raises(ValueError, match="embedding_lr must be > 0"):
+        DLRMModule(embedding_lr=0.0)
+    with pytest.raises(ValueError, match="sparse_cardinalities: 1 values for 2 sparse_feature_names"):
+        DLRMModule(num_dense_features=3, sparse_feature_names=["a", "b"], sparse_cardinalities=[5])
+    with pytest.raises(ValueError, match="embedding_dim must be >= 1"):
+        dlrm_shape([10], 3, 4, 0, [6], [5])
+    with pytest.raises(ValueError, match="num_dense_features must be >= 1"):
+        dlrm_shape([10], 0, 4, 4, [6], [5])
+    with pytest.raises(ValueError, match="over_arch_layer_sizes: give at least one"):
+        dlrm_shape([10], 3, 4, 4, [6], [])
+    with pytest.raises(ValueError, match="interaction must be 'dot' or 'dcn'"):
+        dlrm_shape([10], 3, 4, 4, [6], [5], interaction="cross")
+    with pytest.raises(ValueError, match="num_embeddings must be >= 1"):
+        dlrm_shape([10], 3, 0, 4, [6], [5])
+
+
+def test_eval_at_samples_bad_arguments_and_schedule():
+    from callbacks.eval_at_samples import EvalAtSamples, crossed
+
+    with pytest.raises(ValueError, match="every_samples must be >= 1"):
+        EvalAtSamples(every_samples=0)
+    with pytest.raises(ValueError, match="at_samples must be positive"):
+        EvalAtSamples(at_samples=[100, 0])
+    assert crossed([10, 20, 30], 10, 30) == [20, 30]  # (before, after]
+    both = EvalAtSamples(at_samples=[250], every_samples=100)
+    assert both._points(0, 99) == [] and both._points(99, 260) == [100, 200, 250]
+
+
+def test_eval_at_samples_keeps_history_through_state_dict():
+    from callbacks.eval_at_samples import EvalAtSamples
+
+    first = EvalAtSamples(at_samples=[10])
+    first.history = [{"samples": 10.0, "logloss": 0.5}]
+    second = EvalAtSamples(at_samples=[10])
+    second.load_state_dict(first.state_dict())
+    assert second.history == first.history and second.history is not first.history
 
 
 def test_fold_ids_is_modulo_per_feature():
