@@ -28,12 +28,29 @@ code; this is our reading of it:
 Masks are applied to the weights after every optimizer step, so checkpoints hold exactly N:M
 weights; the masks (and the dense shadow) are saved with the callback's state and restored on
 resume. The per-layer fraction of zeros is logged at every epoch end (``nm/sparsity/<layer>``).
+
+The callback is a state machine over :class:`Phase` (``NMPruning.phase``); the transitions, each
+in one hook::
+
+    DENSE   -> MASKED   on_train_batch_start, first batch at global_step >= start_step: masks
+                        of the first pattern from the weights' magnitude
+    MASKED  -> MASKED   on_train_batch_start, update_every steps since the last update: masks
+                        recomputed from the dense shadow; on_train_epoch_start of a new
+                        inherited stage: the next pattern's masks from the pruned weights
+    MASKED  -> STEPPED  on_before_optimizer_step: the dense shadow (dynamic masks) goes back
+                        into the weights, which the optimizer then steps
+    STEPPED -> MASKED   on_train_batch_end: the shadow keeps the stepped weights, the weights
+                        are masked again (so a batch without an optimizer step, under gradient
+                        accumulation, masks nothing)
+
+A checkpoint restores MASKED when it holds masks and DENSE otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +67,14 @@ from models.nm_sparsity import check_nm, nm_mask, parse_pattern, select_linears,
 # Every nn.Linear inside a BERT encoder layer: Q, K, V, attention output, FFN in and FFN out.
 # Embeddings, the pooler and the classifier are outside ``encoder.layer.<i>`` and stay dense.
 DEFAULT_INCLUDE = r"encoder\.layer\.\d+\."
+
+
+class Phase(Enum):
+    """Where the pruned weights stand (transitions in the module docstring)."""
+
+    DENSE = "dense"  # before start_step: no masks
+    MASKED = "masked"  # the weights are exactly N:M
+    STEPPED = "stepped"  # the optimizer stepped the weights; they are masked at batch end
 
 
 class NMPruning(Callback):
@@ -113,16 +138,12 @@ class NMPruning(Callback):
         self.dense: dict[str, torch.Tensor] = {}  # shadow weights of dynamic masks
         self.last_update_step = -1
         self.stage_results: list[dict] = []
-        self._stepped = False
+        self.phase = Phase.DENSE
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(schedule=self.schedule, patterns=self.patterns)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.masks)
 
     @property
     def pattern(self) -> tuple[int, int]:
@@ -149,7 +170,7 @@ class NMPruning(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule == "inherited" and self.restart_schedule:
             self._set_schedule(trainer, restart=False)
-        if self.active:  # resumed from a checkpoint: bring the saved state to the weights' device
+        if self.phase is Phase.MASKED:  # resumed: bring the saved state to the weights' device
             for name, layer in self.layers.items():
                 self.masks[name] = self.masks[name].to(layer.weight.device)
                 if name in self.dense:
@@ -159,7 +180,7 @@ class NMPruning(Callback):
     # ---------------------------------------------------------------- steps
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.schedule != "inherited" or not self.active:
+        if self.schedule != "inherited" or self.phase is Phase.DENSE:
             return
         stage = min(trainer.current_epoch // self.epochs_per_stage, len(self.nm) - 1)
         if stage != self.stage:
@@ -174,11 +195,12 @@ class NMPruning(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if not self.active:
+        if self.phase is Phase.DENSE:
             if step >= self.start_step:
                 if self.schedule == "inherited":
                     self.stage = min(trainer.current_epoch // self.epochs_per_stage, len(self.nm) - 1)
                 self._start_masks(trainer, pl_module)
+                self.phase = Phase.MASKED
             return
         if self.update_every and step - self.last_update_step >= self.update_every:
             flips = self._apply(recompute=True)
@@ -187,18 +209,19 @@ class NMPruning(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        # Dynamic masks: the gradient was taken at the masked weights; step the dense shadow.
-        if self.active and self.dense:
+        if self.phase is not Phase.MASKED:
+            return
+        if self.dense:  # dynamic masks: the gradient was taken at the masked weights; step the shadow
             with torch.no_grad():
                 for name, layer in self.layers.items():
                     layer.weight.copy_(self.dense[name])
-        self._stepped = True
+        self.phase = Phase.STEPPED
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if not self.active or not self._stepped:
+        if self.phase is not Phase.STEPPED:
             return
-        self._stepped = False
+        self.phase = Phase.MASKED
         with torch.no_grad():
             for name, layer in self.layers.items():
                 if self.dense:
@@ -207,7 +230,7 @@ class NMPruning(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.active:
+        if self.phase is Phase.DENSE:
             return
         report = sparsity_report(self.layers)
         pl_module.log_dict({f"nm/sparsity/{name}": value for name, value in report.items()})
@@ -292,3 +315,4 @@ class NMPruning(Callback):
         self.dense = dict(state_dict["dense"])
         self.last_update_step = state_dict["last_update_step"]
         self.stage_results = list(state_dict["stage_results"])
+        self.phase = Phase.MASKED if self.masks else Phase.DENSE

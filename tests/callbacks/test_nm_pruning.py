@@ -135,6 +135,34 @@ def test_inherited_stages_start_from_the_previous_stage(tmp_path, data):
     assert probe.epoch_lr == pytest.approx([1e-3] * 3)
 
 
+def test_phases_under_gradient_accumulation(tmp_path, data):
+    """Two batches per optimizer step: the batch without a step masks nothing, so the dense
+    shadow is never overwritten by masked weights (random init has no zeros)."""
+    callback = NMPruning(schedule="dynamic", patterns=["2:4"], start_step=1, update_every=1)
+
+    class Phases(Callback):  # runs after NMPruning's hooks
+        def __init__(self) -> None:
+            self.seen, self.shadow_zeros = [], []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.seen.append(("step", callback.phase.value))
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.seen.append(("end", callback.phase.value))
+            self.shadow_zeros.append(sum(int((d == 0).sum()) for d in callback.dense.values()))
+
+    phases = Phases()
+    make_trainer(tmp_path, [callback, phases], max_steps=3, accumulate_grad_batches=2).fit(tiny_model(), data)
+    assert phases.seen == [("end", "dense"), ("step", "dense"), ("end", "dense"),  # step 0: dense
+                           ("end", "masked"), ("step", "stepped"), ("end", "masked"),  # step 1
+                           ("end", "masked"), ("step", "stepped"), ("end", "masked")]  # step 2
+    assert phases.shadow_zeros[2:] == [0, 0, 0, 0]
+    reloaded = NMPruning(schedule="dynamic", patterns=["2:4"], start_step=1, update_every=1)
+    reloaded.load_state_dict(callback.state_dict())  # a checkpoint with masks resumes MASKED
+    assert reloaded.phase.value == "masked"
+    assert NMPruning().phase.value == "dense"
+
+
 def test_bad_configurations_are_rejected(tmp_path, data):
     with pytest.raises(ValueError, match="1 <= N < M"):
         NMPruning(patterns=["4:4"])
