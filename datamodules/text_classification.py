@@ -251,7 +251,8 @@ class TextClassification(LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         return make_loader(self.splits[split], split, self.batch_size, self.num_workers,
                            shuffle=split == "train", seed=self.seed,
-                           collate_fn=partial(pad_batch, pad_id=self.pad_id))
+                           collate_fn=partial(pad_batch, pad_id=self.pad_id),
+                           trainer=self.trainer if split == "train" else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

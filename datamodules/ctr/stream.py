@@ -6,7 +6,7 @@ DataLoader worker and DDP rank its share (:mod:`datamodules.ctr.sharding`), so e
 exactly once per epoch. Serve it with :class:`StreamLoader`, which Lightning saves in every
 checkpoint and restores when a run resumes mid-epoch: the stream then continues at the first
 global batch not yet trained on, so a single-epoch run interrupted and resumed still reads each
-sample exactly once.
+sample exactly once (a resume must use the same number of devices).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from datamodules.ctr.sharding import (Reader, batch_span, batches_for_reader, current_reader,
                                       num_global_batches)
+from datamodules.loader import ResumableLoader
 
 
 class ResumableStream(Protocol):
@@ -87,53 +88,31 @@ def rank_batches(count: int, rank: int, world_size: int) -> int:
     return len(range(rank, count, world_size))
 
 
-class StreamLoader(DataLoader):
-    """A DataLoader of a stream's whole batches that Lightning can resume mid-epoch.
-
-    Lightning keeps ``state_dict()`` with the fit loop's state in every checkpoint and, when a
-    run resumes from a mid-epoch checkpoint, calls ``load_state_dict`` before the first
-    ``iter()``. The state is the fit loop's own count of batches trained on in the epoch (equal
-    on every rank under ``drop_last``), so the stream restarts where the loop does, whether the
-    checkpoint was written after a batch, after a validation or on a signal. Workers are
-    persistent, so each keeps counting epochs (the shuffle of epoch ``e`` is the same whether or
-    not the run was interrupted).
+class StreamLoader(ResumableLoader):
+    """A DataLoader of a stream's whole batches that resumes mid-epoch (see
+    :class:`datamodules.loader.ResumableLoader`): the stream continues at the first global batch
+    not yet trained on. Workers are persistent, so each keeps counting epochs (the shuffle of
+    epoch ``e`` is the same whether or not the run was interrupted).
 
     Args:
         stream: a :class:`BatchStream` or another :class:`ResumableStream`.
         num_workers: DataLoader workers (each reads its own global batches).
-        trainer: the Trainer whose fit loop this loader feeds (None outside a Trainer: the state
-            is then the start of an epoch).
+        trainer: the Trainer whose fit loop this loader feeds (None outside a Trainer).
     """
 
     def __init__(self, stream: IterableDataset, num_workers: int = 0, trainer=None) -> None:
-        super().__init__(stream, batch_size=None, num_workers=num_workers,
+        super().__init__(stream, trainer=trainer, batch_size=None, num_workers=num_workers,
                          persistent_workers=num_workers > 0)
-        self.trainer = trainer
-        if trainer is not None:
-            # The epoch the fit loop runs next (a checkpoint written at an epoch's end resumes
-            # with the next epoch's shuffle).
-            stream.epoch = trainer.fit_loop.epoch_progress.current.processed
+        stream.epoch = self.next_epoch()
 
-    def state_dict(self) -> dict[str, int]:
-        if self.trainer is None:
-            return {"epoch": self.dataset.epoch, "batches": 0, "world_size": 1}
-        return {"epoch": self.trainer.fit_loop.epoch_progress.current.completed,
-                "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                "world_size": self.trainer.world_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def resume(self, epoch: int, batches: int) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
-        if state["batches"] and state["world_size"] != world:
-            raise ValueError(
-                f"resume: this checkpoint was written mid-epoch on {state['world_size']} devices, "
-                f"the run now has {world}; resume on {state['world_size']} devices so the stream "
-                "continues exactly where it stopped (or resume from an end-of-epoch checkpoint)")
-        first = state["batches"] * state["world_size"]
+        first = batches * world  # every rank trained on `batches` of the global batches
         total = self.dataset.epoch_batches(world)
         if total is not None and first >= total:  # the epoch was complete: start the next one
-            self.dataset.epoch, self.dataset.first_batch = state["epoch"] + 1, 0
+            self.dataset.epoch, self.dataset.first_batch = epoch + 1, 0
         else:
-            self.dataset.epoch, self.dataset.first_batch = state["epoch"], first
+            self.dataset.epoch, self.dataset.first_batch = epoch, first
 
 
 __all__ = ["BatchStream", "Reader", "ResumableStream", "StreamLoader", "rank_batches"]

@@ -124,3 +124,45 @@ def test_checkpoint_from_other_world_size_is_refused():
     loader.load_state_dict({"epoch": 0, "batches": 3, "world_size": 1})
     assert next(iter(loader)).indices.tolist() == list(range(48, 64))
     assert next(iter(loader)).indices.tolist() == list(range(16))  # the next epoch starts at 0
+
+
+def test_dlrm_single_epoch_interrupted_and_resumed_equals_a_straight_run(tmp_path):
+    """The recipe this serves: DLRMModule (fused row-wise Adagrad, progressive loss, samples
+    seen) on the single-epoch stream, interrupted after 4 of 9 steps."""
+    import lightning as L
+
+    from models.dlrm.module import DLRMModule
+    from models.dlrm.sharded import to_plain
+
+    tiny = dict(embedding_dim=4, num_embeddings=8, dense_arch_layer_sizes=[6], over_arch_layer_sizes=[5])
+    small = dict(cardinalities=[30, 200, 5], num_dense=3, val_samples=256, test_samples=256)
+
+    def run(root, record, ckpt_path=None, every=None):
+        callbacks = [record] + ([ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every,
+                                                 save_top_k=-1)] if every else [])
+        trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+                          default_root_dir=root)
+        model = DLRMModule(**tiny, optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+        dm = SyntheticCTR(batch_size=64, train_samples=64 * 9, **small)
+        if every:
+            with pytest.raises(Crash):
+                trainer.fit(model, dm)
+        else:
+            trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return trainer, model
+
+    L.seed_everything(0)
+    straight_trainer, straight = run(tmp_path / "a", Record())
+    L.seed_everything(0)
+    first, second = Record(stop_at=4), Record()
+    run(tmp_path / "b", first, every=4)
+    L.seed_everything(1)  # other initial weights: everything must come from the checkpoint
+    trainer, resumed = run(tmp_path / "b", second, ckpt_path=tmp_path / "b" / "ckpt" / "epoch=0-step=4.ckpt")
+    assert sorted(i for b in first.seen + second.seen for i in b) == list(range(64 * 9))
+    a, b = to_plain(straight.model.state_dict()), to_plain(resumed.model.state_dict())
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed.samples_seen == straight.samples_seen == 64 * 9
+    assert float(trainer.callback_metrics["train/progressive_loss"]) == pytest.approx(
+        float(straight_trainer.callback_metrics["train/progressive_loss"]), rel=1e-6)
