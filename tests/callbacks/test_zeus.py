@@ -165,6 +165,13 @@ def test_ddp_two_processes_sum_energy_max_time(tmp_path: Path) -> None:
     best = brute_force_limit(PROFILE, candidate_limits(100, 300, 50), 0.5, 600.0, BATCH, ranks=PROFILES)
     assert results[0]["chosen"] == best
     assert all(r["set_calls"] and r["set_calls"][-2] == best for r in results)
+    # EnergyMonitor in the same job: both epochs together hold both GPUs' energy, and the time
+    # of the slower process; its samples are both ranks'.
+    epochs = results[0]["monitor"]
+    assert epochs == results[1]["monitor"] and len(epochs) == 2
+    assert sum(h["energy/epoch_J"] for h in epochs) == pytest.approx(sum(r["fake_energy_j"] for r in results))
+    assert sum(h["energy/epoch_time_s"] for h in epochs) == pytest.approx(max(r["fake_time_s"] for r in results))
+    assert all(h["samples"] == 40 * BATCH for h in epochs)  # 20 steps per rank and epoch
 
 
 @pytest.mark.slow  # the real quickstart model and data through the CLI
