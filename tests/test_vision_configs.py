@@ -1,15 +1,20 @@
-"""Every configs/vision/*.yaml parses through the CLI; one fast_dev_run per config family
+"""Every configs/vision/*.yaml builds its model through the CLI; one fast_dev_run per config family
 (ImageNet-style DeiT and Swin on a real image folder, Fashion-MNIST) with tiny CLI overrides."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from sklearn.datasets import load_sample_image
+from timm.models.swin_transformer import SwinTransformer
 
-from lit.cli import main
+from lit.cli import LitCLI, main
+from models.image_classifier import ImageClassifier
+from models.patch_dropout import PatchDropout
+from models.swin_patch_dropout import PatchDropoutSwinTransformer, SwinPatchDropout
 from tests.conftest import CONFIGS, needs_fmnist
 
 VISION = sorted((CONFIGS / "vision").glob("*.yaml"))
@@ -30,13 +35,25 @@ def test_there_are_configs_for_each_family() -> None:
 
 
 @pytest.mark.parametrize("config", VISION, ids=lambda p: p.stem)
-def test_config_parses(config, capsys) -> None:
-    parsed = print_config(capsys, "--config", str(config))
-    model = parsed["model"]["init_args"]
-    assert 0 < model["keep_rate"] <= 1
-    assert model["keep_rate"] < 1 or model["keep_rate_schedule"] == "random"  # PatchDropout is on
-    if "448" in config.stem:
-        assert model["img_size"] == 448 and parsed["data"]["init_args"]["image_size"] == 448
+def test_config_builds_its_model_with_patch_dropout_on(config) -> None:
+    """The CLI builds each config's model, datamodule and trainer (weights on the meta device:
+    no memory, no init time); the installed layer carries the config's keep rate."""
+    with torch.device("meta"):
+        cli = LitCLI(args=["--config", str(config), "--trainer.logger=false"], run=False)
+    options = yaml.safe_load(config.read_text())["model"]["init_args"]
+    backbone, layer = cli.model.backbone, cli.model.backbone.patch_drop
+    assert isinstance(cli.model, ImageClassifier)
+    if isinstance(backbone, SwinTransformer):
+        assert isinstance(backbone, PatchDropoutSwinTransformer) and isinstance(layer, SwinPatchDropout)
+    else:
+        assert isinstance(layer, PatchDropout) and layer.ordered == options.get("ordered", True)
+    assert layer.keep_rate == options["keep_rate"]
+    assert layer.schedule == options.get("keep_rate_schedule", "fixed")
+    assert layer.keep_rate < 1 or layer.schedule == "random"  # PatchDropout is on
+    size = options.get("img_size") or 28
+    assert cli.model.example_input_array.shape[-2:] == (size, size)
+    if hasattr(cli.datamodule, "image_size"):
+        assert cli.datamodule.image_size == size
 
 
 def test_presizer_is_expressible_in_yaml(tmp_path, capsys) -> None:
