@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import re
 from functools import partial
@@ -121,6 +122,30 @@ def test_single_and_foreach_agree_to_float32_rounding():
     multi, _ = run_optimizer(params0, grads, hypers, max_grad_norm, foreach=True)
     for a, b in zip(single, multi):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("case", ["plain", "wd-prox", "wd-no_prox", "groups-clip"])
+def test_timms_adan_is_close_but_not_bit_equal(case, foreach):
+    """Why timm's Adan is not our non-fused fallback (docs/adan.md): it updates m with lerp_,
+    which rounds differently from the reference's mul_/add_, and it has no global clipping
+    (the "groups-clip" case is run without clipping on both sides)."""
+    from timm.optim import Adan as TimmAdan
+
+    hypers, _ = CASES[case]
+    params0, grads = random_problem(seed=len(case))
+    ours, _ = run_optimizer(params0, grads, hypers, 0.0, foreach=foreach)
+    params = [nn.Parameter(x.clone()) for x in params0]
+    timm_opt = TimmAdan([{"params": [params[i] for i in idx], **h}
+                         for idx, h in zip(split(len(params), len(hypers)), hypers)], foreach=foreach)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        timm_opt.step()
+    for a, b in zip(ours, params):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)  # the same algorithm
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(ours, params))  # not the same rounding
+    assert "max_grad_norm" not in inspect.signature(TimmAdan).parameters
 
 
 def _load_interpreted_triton(monkeypatch):
