@@ -5,6 +5,15 @@ from lit.lazy import lazy_getattr
 
 _LAZY = {
     "NMPruning": "callbacks.nm_pruning",
+    "EvalAtSamples": "callbacks.eval_at_samples",
+    "BudgetEvaluator": "callbacks.budget_evaluator",
+    "BatchSizeTarget": "callbacks.batch_size_target",
+    "RunSummary": "callbacks.run_summary",
+    "EnergyMonitor": "callbacks.energy_monitor",
+    "ZeusCallback": "callbacks.zeus",
+    "SimulatedGPU": "callbacks.simulated_gpu",
+    "Int8Eval": "callbacks.int8_eval",
+    "OutlierFeatures": "callbacks.outlier_features",
 }
 
 __all__ = sorted(_LAZY)

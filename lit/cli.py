@@ -117,7 +117,8 @@ class LitCLI(LightningCLI):
 
     @override
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        if config.get("enable_checkpointing") is False:  # the user's word beats our default
+        # The user's word beats our default checkpoint; fast_dev_run promises to write none.
+        if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         if self.subcommand == "fit":
             resolved = self.config.get(self.subcommand, self.config).as_dict()
