@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -22,7 +23,7 @@ from torch import nn
 
 from torch.nn.modules.module import _IncompatibleKeys
 
-from datamodules.ctr.batch import CTRSchema
+from datamodules.ctr.batch import CTRSchema, make_batch
 from lit.module import LitModule
 from models.dlrm.metrics import CTRMetrics
 from models.dlrm.network import build_dlrm, fold_ids
@@ -155,6 +156,11 @@ class DLRMModule(LitModule):
         # Fold ids only when some table is smaller than its feature's cardinality.
         needs_fold = any(r < c for r, c in zip(self.shape.rows, schema.cardinalities))
         self.register_buffer("table_rows", rows.to(device) if needs_fold else None, persistent=False)
+        # One sample of zeros: lets Lightning's model summary count the forward FLOPs.
+        num_sparse = len(schema.sparse_names)
+        self.example_input_array = make_batch(
+            np.zeros((1, schema.num_dense), np.float32), np.zeros((1, num_sparse), np.int64),
+            np.zeros(1), np.zeros(1, np.int64), schema.sparse_names)
         self.size_report = {
             "embedding_parameters": self.shape.embedding_parameters(),
             "dense_parameters": self.shape.dense_parameters(),
