@@ -49,11 +49,16 @@ def build_backbone(
     else:
         model = create_timm_model(backbone, num_classes, in_chans, img_size, pretrained, drop_path_rate)
     if keep_rate != 1.0 or keep_rate_schedule != "fixed":
-        if isinstance(model, SwinTransformer):
-            install_swin_patch_dropout(model, keep_rate, keep_rate_schedule)
-        else:
-            install_patch_dropout(model, keep_rate, keep_rate_schedule, ordered)
+        install_any_patch_dropout(model, keep_rate, keep_rate_schedule, ordered)
     return model
+
+
+def install_any_patch_dropout(model: nn.Module, keep_rate: float, schedule: Literal["fixed", "random"],
+                              ordered: bool) -> nn.Module:
+    """Install the PatchDropout that fits ``model`` (Swin or a ViT with a ``patch_drop`` slot)."""
+    if isinstance(model, SwinTransformer):
+        return install_swin_patch_dropout(model, keep_rate, schedule)
+    return install_patch_dropout(model, keep_rate, schedule, ordered)
 
 
 def create_timm_model(name: str, num_classes: int, in_chans: int, img_size: int | None,
