@@ -12,8 +12,9 @@ Side by side, in the same draws' distribution:
 
 Landscapes: the built-in ``convex`` one (below), a JSON file
 ``{"default": 64, "sizes": {"32": {"cost": 120, "std": 6, "reach": 1.0, "fail_cost": 300}}}``,
-or a recorded table (``--table``): a CSV with ``batch_size,cost,reached`` rows or a history
-SQLite file, whose rows are resampled with replacement per size.
+or a recorded table (``--table``): a CSV with ``batch_size,cost,reached`` rows (and optionally
+``status``) or a history SQLite file, whose rows are resampled with replacement per size; runs
+stopped early are left out (their cost is a truncated one).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def load_landscape(path: str | Path, default: int | None, job: str | None = None
     if path.suffix == ".csv":
         with open(path) as f:
             for r in csv.DictReader(f):
+                if r.get("status") == "stopped":  # cut short by early stopping: not an outcome
+                    continue
                 reached = str(r["reached"]).strip().lower() in ("1", "true", "yes")
                 rows.setdefault(int(r["batch_size"]), []).append((float(r["cost"]), reached))
     else:
