@@ -89,16 +89,16 @@ class EpochSampler(Sampler[int]):
 
 
 class ShuffledLoader(ResumableLoader):
-    """A map-style training loader over an :class:`EpochSampler`. Under DDP, Lightning swaps the
-    sampler for its ``DistributedSampler`` (then a mid-epoch resume restarts the epoch's data,
-    as Lightning does for any loader, with a warning)."""
+    """A map-style training loader over an :class:`EpochSampler`. Under DDP, Lightning re-creates
+    it with the sampler wrapped in its ``DistributedSamplerWrapper`` (then a mid-epoch resume
+    restarts the epoch's data, as Lightning does for any loader, with a warning)."""
 
     def resume(self, epoch: int, batches: int) -> None:
         if not isinstance(self.sampler, EpochSampler):
             if not batches:
                 return
-            warnings.warn("resume: the sampler was replaced (DDP), so this epoch's data restarts "
-                          "from its beginning", UserWarning, stacklevel=2)
+            warnings.warn("resume: Lightning wrapped the sampler for DDP, so this epoch's data "
+                          "restarts from its beginning", UserWarning, stacklevel=2)
             return
         self.sampler.epoch = epoch
         if batches * self.batch_size < len(self.sampler):
