@@ -76,16 +76,19 @@ class Landscape:
         return a.fail_cost or 2.5 * a.cost, False
 
 
-def convex_landscape() -> Landscape:
-    """Built-in: sizes 8..1024, best 256, default 64; 8 and 1024 never reach the target.
+def convex_landscape(best: int = 256) -> Landscape:
+    """Built-in: sizes 8..1024, best ``best`` (256), default 64; 8 and 1024 never reach the
+    target.
 
-    Cost (to the target) = 100 (1 + 0.15 log2(b / 256)^2) with 5% noise: the U shape of
+    Cost (to the target) = 100 (1 + 0.15 log2(b / best)^2) with 5% noise: the U shape of
     Zeus's Fig. 3 (small batches under-use the device, large ones need more epochs).
     """
+    if best not in (16, 32, 64, 128, 256, 512):
+        raise ValueError(f"the built-in landscape's best must be a power of two in 16..512, got {best!r}")
     arms = {}
     for k in range(3, 11):
         b = 2 ** k
-        cost = 100 * (1 + 0.15 * math.log2(b / 256) ** 2)
+        cost = 100 * (1 + 0.15 * math.log2(b / best) ** 2)
         arms[b] = Arm(cost, 0.05 * cost, 0.0 if b in (8, 1024) else 1.0, 2.5 * cost)
     return Landscape(64, arms=arms)
 
@@ -125,16 +128,25 @@ def load_landscape(path: str | Path, default: int | None, job: str | None = None
     return Landscape(default, rows=rows)
 
 
+Drift = tuple[int, Landscape]  # (recurrence index, landscape from then on)
+
+
+def active(land: Landscape, drift: Drift | None, i: int) -> Landscape:
+    """The landscape in force at recurrence ``i`` (0-based)."""
+    return drift[1] if drift is not None and i >= drift[0] else land
+
+
 def run_series(land: Landscape, recurrences: int, seed: int, beta: float | None = 2.0,
-               window: int = 0, rounds: int = 2) -> list[tuple[int, float, bool]]:
+               window: int = 0, rounds: int = 2,
+               drift: Drift | None = None) -> list[tuple[int, float, bool]]:
     """The policy's series: (batch size, cost paid, reached) per recurrence."""
     rng = np.random.default_rng([seed, 1])  # outcome noise, apart from the sampler's seed
     history: list[Observation] = []
     out = []
-    for _ in range(recurrences):
+    for i in range(recurrences):
         b = next_batch_size(history, land.sizes, land.default, seed=seed, rounds=rounds,
                             window=window).batch_size
-        cost, reached = land.draw(b, rng)
+        cost, reached = active(land, drift, i).draw(b, rng)
         best = min((o.cost for o in history if o.reached), default=math.inf)
         if beta is not None and cost > beta * best:
             cost, reached = beta * best, False
@@ -143,20 +155,23 @@ def run_series(land: Landscape, recurrences: int, seed: int, beta: float | None 
     return out
 
 
-def baseline_costs(land: Landscape, recurrences: int, seed: int) -> dict[str, float]:
-    """Cumulative cost of always-default, exhaustive grid search and the oracle."""
+def baseline_costs(land: Landscape, recurrences: int, seed: int,
+                   drift: Drift | None = None) -> dict[str, float]:
+    """Cumulative cost of always-default, exhaustive grid search and the oracle (which knows
+    the best size of the landscape in force, drift included)."""
     rng = np.random.default_rng([seed, 2])
-    default = sum(land.draw(land.default, rng)[0] for _ in range(recurrences))
+    at = lambda i: active(land, drift, i)
+    default = sum(at(i).draw(land.default, rng)[0] for i in range(recurrences))
     grid, seen = 0.0, {}
-    for b in land.sizes[:recurrences]:
-        cost, reached = land.draw(b, rng)
+    for i in range(recurrences):
+        if i < len(land.sizes):
+            cost, reached = at(i).draw(land.sizes[i], rng)
+            if reached:
+                seen[land.sizes[i]] = cost
+        else:
+            cost = at(i).draw(min(seen, key=seen.__getitem__) if seen else land.default, rng)[0]
         grid += cost
-        if reached:
-            seen[b] = cost
-    pick = min(seen, key=seen.__getitem__) if seen else land.default
-    grid += sum(land.draw(pick, rng)[0] for _ in range(recurrences - len(land.sizes[:recurrences])))
-    best = land.best()
-    oracle = sum(land.draw(best, rng)[0] for _ in range(recurrences))
+    oracle = sum(at(i).draw(at(i).best(), rng)[0] for i in range(recurrences))
     return {"default": default, "grid": grid, "oracle": oracle}
 
 
@@ -174,6 +189,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--last", type=int, default=10, help="report best-size picks in the last N")
+    p.add_argument("--drift-at", type=int, help="built-in landscape: from this recurrence "
+                   "(0-based) on, the best size moves to --drift-best")
+    p.add_argument("--drift-best", type=int, default=64, help="the best size after the drift")
     p.add_argument("--verbose", action="store_true", help="print every recurrence of each seed")
 
 
@@ -184,10 +202,16 @@ def cmd_simulate(args) -> int:
     land = (load_landscape(args.landscape, args.default) if args.landscape else
             load_landscape(args.table, args.default, args.job) if args.table else
             convex_landscape())
-    best = land.best()
+    drift = None
+    if args.drift_at is not None:
+        if args.landscape or args.table:
+            raise ValueError("--drift-at works with the built-in landscape only")
+        drift = (args.drift_at, convex_landscape(args.drift_best))
+    best = active(land, drift, args.recurrences - 1).best()
     beta = args.beta if args.beta > 0 else None
-    print(f"sizes {land.sizes}, default {land.default}, best (lowest expected cost) {best}; "
-          f"{args.recurrences} recurrences, beta {beta}, window {args.window}")
+    moved = f" (from {land.best()} until recurrence {args.drift_at})" if drift else ""
+    print(f"sizes {land.sizes}, default {land.default}, best (lowest expected cost) {best}"
+          f"{moved}; {args.recurrences} recurrences, beta {beta}, window {args.window}")
     print("\n| size | expected cost |\n|---:|---:|")
     for b in land.sizes:
         print(f"| {b} | {land.expected(b):.1f} |")
@@ -197,10 +221,10 @@ def cmd_simulate(args) -> int:
     sums = np.zeros(4)
     hits = []
     for seed in range(args.seed, args.seed + args.seeds):
-        series = run_series(land, args.recurrences, seed, beta, args.window, args.rounds)
+        series = run_series(land, args.recurrences, seed, beta, args.window, args.rounds, drift)
         hit = sum(b == best for b, _, _ in series[-args.last:])
         hits.append(hit)
-        base = baseline_costs(land, args.recurrences, seed)
+        base = baseline_costs(land, args.recurrences, seed, drift)
         policy = sum(c for _, c, _ in series)
         sums += (policy, base["default"], base["grid"], base["oracle"])
         print(f"| {seed} | {hit}/{args.last} | {policy:.0f} | {base['default']:.0f} | "

@@ -137,3 +137,13 @@ def test_ddp_run_stops_together_and_records_once(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run,) = History(hist).runs()
     assert (run.status, run.steps, run.epochs) == ("reached", 4, 1.0)  # first validation met it
+
+
+def test_drift_switches_the_landscape_at_its_recurrence() -> None:
+    land, moved = convex_landscape(), convex_landscape(best=64)
+    assert moved.best() == 64 and moved.expected(64) == pytest.approx(100.0)
+    # drift at 0: the whole series runs on the moved landscape, and finds its best
+    series = run_series(land, 40, 0, drift=(0, moved))
+    assert sum(b == 64 for b, _, _ in series[-10:]) >= 8
+    # drift at 30: the first 30 outcomes equal the undrifted series' (same draws)
+    assert run_series(land, 60, 1, drift=(30, moved))[:30] == run_series(land, 30, 1)
