@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -59,9 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "sweep":
+        # Ctrl-C, `kill -INT` and `kill -TERM` all stop the sweep cleanly, also when it was
+        # started in the background (where the shell makes it ignore SIGINT).
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
         from lit.scaling.sweep import load_sweep_config, sweep
 
         config = load_sweep_config(args.config)

@@ -323,12 +323,17 @@ def plot(fits: dict, metric: str, path: Path, writer=None) -> None:
         ax.set_xlabel(CURVES[curve][1])
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs {curve}")
-        ax.yaxis.set_minor_formatter(NullFormatter())  # narrow loss ranges: no label clutter
+        # Loss ranges are narrow on a log axis: label a few plain values, no minor labels.
+        lows = [float(np.min(lo)), float(np.min(f.y)), f.gamma]
+        span = np.linspace(min(v for v in lows if v > 0), float(np.max(f.y)), 5)
+        ax.set_yticks(span, [f"{v:.3f}" for v in span])
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.35, hspace=0.5)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16 / rows, top=1 - 0.08 / rows, wspace=0.4, hspace=0.5)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     if writer is not None:  # the saved PNG, not a second rendering of the figure

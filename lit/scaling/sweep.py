@@ -330,8 +330,10 @@ def run_one(config: SweepConfig, spec: RunSpec, out: Path, python: str, timeout:
             proc.wait()
             raise
     wall = time.perf_counter() - start
-    if code == 0 and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if code == 0 and summary is not None and summary.get("interrupted"):
+        error = f"the run was interrupted after {summary.get('samples_seen')} samples"
+    elif code == 0 and summary is not None:
         rows = rows_from_summary(spec, summary, config_path, wall)
         if rows:
             for row in rows:
