@@ -1,15 +1,9 @@
-"""Training under a time budget, evaluated on a clock: the callback behind the PatchDropout
+"""Training under a time budget, evaluated on a clock: the callback of the PatchDropout
 time-accuracy study (Liu et al., arXiv 2208.07220, Sec. 5; the tool is :mod:`lit.tradeoff`).
 
-Training time is the wall clock (or this process's CPU time, which other programs on a shared
-machine do not inflate) minus the time spent evaluating. Validation accuracy on the
-datamodule's validation split is taken every ``eval_every_s`` training seconds, at every epoch
-end and when the budget runs out (then training stops). A run-length-aware learning-rate
-schedule (:class:`lit.schedulers.WarmupDecay`) is re-planned after each step to end when the run
-ends: at the budget, estimated from the steps per training second so far, or at the Trainer's
-last step, whichever comes first. After the test that follows ``fit``, the last point gets the
-test accuracy; every point is written to ``points_file`` (a JSON list) when training ends and
-again after the test.
+Training time is the wall clock (or the process's CPU time, which other programs on a shared
+machine do not inflate) minus evaluation. A run-length-aware schedule
+(:class:`lit.schedulers.WarmupDecay`) is re-planned after each step to end with the run.
 """
 
 from __future__ import annotations
@@ -41,14 +35,16 @@ def expected_steps(max_steps: int, step: int, seconds: float, budget_s: float | 
 class BudgetEvaluator(Callback):
     """Stop at a training-time budget, evaluate on a clock, end the LR schedule with the run.
 
+    Validation accuracy (the datamodule's validation split) is taken every ``eval_every_s``
+    training seconds, at every epoch end and when the budget runs out; the test after ``fit``
+    adds ``test_acc`` to the last point. The points go to ``points_file`` (a JSON list).
+
     Args:
-        points_file: JSON file the evaluations are written to (one dict per evaluation).
+        points_file: JSON file the evaluations are written to.
         run: name of the run, copied into every point.
-        budget_s: training seconds before training stops; ``None``: no budget (the Trainer's
-            ``max_epochs`` / ``max_steps`` end the run).
+        budget_s: training seconds before training stops; ``None``: the Trainer ends the run.
         eval_every_s: training seconds between evaluations.
-        clock: ``"wall"`` or ``"cpu"`` (process CPU time of all threads; with one thread it
-            measures the run's own work on a shared machine).
+        clock: ``"wall"`` or ``"cpu"`` (process CPU time of all threads).
     """
 
     def __init__(self, points_file: str, run: str = "run", budget_s: float | None = None,
@@ -64,9 +60,7 @@ class BudgetEvaluator(Callback):
         self.now = time.perf_counter if clock == "wall" else time.process_time
         self.points: list[dict] = []
         self.start = self.paused = 0.0
-        self.next_eval = eval_every_s
-        self.images = 0
-        self.val_batches: list | None = None
+        self.next_eval, self.images, self.val_batches = eval_every_s, 0, None
 
     def seconds(self) -> float:
         """Training seconds so far (evaluation excluded)."""
@@ -80,20 +74,16 @@ class BudgetEvaluator(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         self.images += len(batch[0])
         seconds = self.seconds()
-        self.plan_schedules(trainer, seconds)
+        total = expected_steps(int(trainer.estimated_stepping_batches), trainer.global_step, seconds, self.budget_s)
+        for config in trainer.lr_scheduler_configs:
+            if plans_run_length(config.scheduler) and config.scheduler.total_steps != total:
+                config.scheduler.plan(total)
         if self.budget_s is not None and seconds >= self.budget_s:
             self.evaluate(trainer, pl_module, at_epoch_end=False)
             trainer.should_stop = True
         elif seconds >= self.next_eval:
             self.evaluate(trainer, pl_module, at_epoch_end=False)
             self.next_eval = seconds + self.eval_every_s
-
-    def plan_schedules(self, trainer: Trainer, seconds: float) -> None:
-        """Tell run-length-aware schedules the run's expected number of optimizer steps."""
-        total = expected_steps(int(trainer.estimated_stepping_batches), trainer.global_step, seconds, self.budget_s)
-        for config in trainer.lr_scheduler_configs:
-            if plans_run_length(config.scheduler) and config.scheduler.total_steps != total:
-                config.scheduler.plan(total)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -113,10 +103,8 @@ class BudgetEvaluator(Callback):
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, at_epoch_end: bool) -> None:
         """Validation accuracy now, with the clock paused."""
-        paused_at = self.now()
-        seconds = self.seconds()
-        if self.val_batches is None:
-            self.val_batches = list(trainer.datamodule.val_dataloader())
+        paused_at, seconds = self.now(), self.seconds()
+        self.val_batches = self.val_batches or list(trainer.datamodule.val_dataloader())
         was_training, metric = pl_module.training, None
         pl_module.eval()
         for images, labels in self.val_batches:
@@ -126,14 +114,12 @@ class BudgetEvaluator(Callback):
             metric.update(logits, labels.to(logits.device))
         pl_module.train(was_training)
         acc = float(metric.compute())
-        steps_per_epoch = max(1, trainer.num_training_batches)
         self.points.append({
             "run": self.run, "params": sum(p.numel() for p in pl_module.parameters()),
-            "train_s": round(seconds, 2), "epochs": round(trainer.global_step / steps_per_epoch, 3),
+            "train_s": round(seconds, 2), "epochs": round(trainer.global_step / max(1, trainer.num_training_batches), 3),
             "steps": trainer.global_step, "images_per_s": round(self.images / max(seconds, 1e-9), 1),
             "val_acc": round(acc, 4), "at_epoch_end": at_epoch_end, "test_acc": None})
-        rank_zero_info(f"  [{self.run}] {seconds:7.1f}s  epoch {self.points[-1]['epochs']:5.2f}  "
-                       f"val_acc {acc:.4f}")
+        rank_zero_info(f"  [{self.run}] {seconds:7.1f}s  epoch {self.points[-1]['epochs']:5.2f}  val_acc {acc:.4f}")
         self.paused += self.now() - paused_at
 
     def write(self, trainer: Trainer) -> None:

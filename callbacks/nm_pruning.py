@@ -25,25 +25,9 @@ code; this is our reading of it:
   :class:`lit.schedulers.WarmupDecay` learning rate restarts (warm-up and decay) at each stage
   when ``restart_schedule`` is true.
 
-Masks are applied to the weights after every optimizer step, so checkpoints hold exactly N:M
-weights; the masks (and the dense shadow) are saved with the callback's state and restored on
-resume. The per-layer fraction of zeros is logged at every epoch end (``nm/sparsity/<layer>``).
-
-The callback is a state machine over :class:`Phase` (``NMPruning.phase``); the transitions, each
-in one hook::
-
-    DENSE   -> MASKED   on_train_batch_start, first batch at global_step >= start_step: masks
-                        of the first pattern from the weights' magnitude
-    MASKED  -> MASKED   on_train_batch_start, update_every steps since the last update: masks
-                        recomputed from the dense shadow; on_train_epoch_start of a new
-                        inherited stage: the next pattern's masks from the pruned weights
-    MASKED  -> STEPPED  on_before_optimizer_step: the dense shadow (dynamic masks) goes back
-                        into the weights, which the optimizer then steps
-    STEPPED -> MASKED   on_train_batch_end: the shadow keeps the stepped weights, the weights
-                        are masked again (so a batch without an optimizer step, under gradient
-                        accumulation, masks nothing)
-
-A checkpoint restores MASKED when it holds masks and DENSE otherwise.
+Masks are applied after every optimizer step, so checkpoints hold exactly N:M weights; masks and
+dense shadow are saved with the callback's state. Zeros per layer are logged at every epoch end
+(``nm/sparsity/<layer>``). The callback is a state machine over :class:`Phase`.
 """
 
 from __future__ import annotations
@@ -70,7 +54,17 @@ DEFAULT_INCLUDE = r"encoder\.layer\.\d+\."
 
 
 class Phase(Enum):
-    """Where the pruned weights stand (transitions in the module docstring)."""
+    """Where the pruned weights stand (``NMPruning.phase``). Transitions, each in one hook::
+
+        DENSE   -> MASKED   batch start at global_step >= start_step: first pattern's masks
+        MASKED  -> MASKED   batch start, update_every steps on: masks from the dense shadow;
+                            epoch start of an inherited stage: next masks of the pruned weights
+        MASKED  -> STEPPED  before the optimizer step: the dense shadow goes into the weights
+        STEPPED -> MASKED   batch end: the shadow keeps the stepped weights, which are masked
+
+    A batch without an optimizer step (gradient accumulation) stays MASKED and changes nothing.
+    A checkpoint resumes MASKED when it holds masks, else DENSE.
+    """
 
     DENSE = "dense"  # before start_step: no masks
     MASKED = "masked"  # the weights are exactly N:M
@@ -123,22 +117,17 @@ class NMPruning(Callback):
             raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage!r}")
         if not include:
             raise ValueError("include: need at least one regex selecting layers, e.g. 'encoder\\.layer'")
-        self.schedule = schedule
-        self.patterns = [f"{n}:{m}" for n, m in self.nm]
-        self.start_step = start_step
+        self.schedule, self.patterns = schedule, [f"{n}:{m}" for n, m in self.nm]
+        self.start_step, self.epochs_per_stage = start_step, epochs_per_stage
         self.update_every = 0 if schedule == "one_shot" else update_every
-        self.epochs_per_stage = epochs_per_stage
         self.include, self.exclude = list(include), list(exclude)
-        self.restart_schedule = restart_schedule
-        self.stage_dir = stage_dir
+        self.restart_schedule, self.stage_dir = restart_schedule, stage_dir
         self.layers: dict[str, nn.Linear] = {}
-        # State saved in checkpoints (see state_dict).
-        self.stage = 0
-        self.masks: dict[str, torch.Tensor] = {}
-        self.dense: dict[str, torch.Tensor] = {}  # shadow weights of dynamic masks
-        self.last_update_step = -1
-        self.stage_results: list[dict] = []
         self.phase = Phase.DENSE
+        # State saved in checkpoints (see state_dict); ``dense``: shadow weights of dynamic masks.
+        self.stage, self.last_update_step, self.stage_results = 0, -1, []
+        self.masks: dict[str, torch.Tensor] = {}
+        self.dense: dict[str, torch.Tensor] = {}
 
     @property
     @override
@@ -160,8 +149,7 @@ class NMPruning(Callback):
         for name, layer in self.layers.items():
             for n, m in self.nm:
                 check_nm(n, m, layer.in_features, field=f"patterns ({n}:{m}) for layer {name!r}")
-        needed = len(self.nm) * self.epochs_per_stage
-        max_epochs = trainer.max_epochs
+        needed, max_epochs = len(self.nm) * self.epochs_per_stage, trainer.max_epochs
         if stage == "fit" and self.schedule == "inherited" and max_epochs is not None and 0 < max_epochs < needed:
             raise ValueError(f"trainer.max_epochs: {self.patterns} x {self.epochs_per_stage} epoch(s) per "
                              f"stage need max_epochs >= {needed}, got {max_epochs}")
@@ -276,16 +264,14 @@ class NMPruning(Callback):
         per_epoch = int(trainer.estimated_stepping_batches) / max_epochs
         steps = max(1, math.ceil(per_epoch * self.epochs_per_stage))
         for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if plans_run_length(scheduler):
-                scheduler.plan(steps, restart=restart)
+            if plans_run_length(config.scheduler):
+                config.scheduler.plan(steps, restart=restart)
 
     def _finish_stage(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n, m = self.pattern
-        tag = f"nm_{n}of{m}"
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         for key, value in metrics.items():
-            pl_module.log(f"{tag}/{key}", value)
+            pl_module.log(f"nm_{n}of{m}/{key}", value)
         directory = Path(self.stage_dir or getattr(trainer.checkpoint_callback, "dirpath", None)
                          or Path(trainer.default_root_dir) / "checkpoints")
         path = directory / f"nm-stage{self.stage}-{n}of{m}.ckpt"
@@ -300,19 +286,13 @@ class NMPruning(Callback):
     # ---------------------------------------------------------------- checkpoint state
     @override
     def state_dict(self) -> dict:
-        return {
-            "stage": self.stage,
-            "masks": {k: v.cpu() for k, v in self.masks.items()},
-            "dense": {k: v.cpu() for k, v in self.dense.items()},
-            "last_update_step": self.last_update_step,
-            "stage_results": list(self.stage_results),
-        }
+        return {"stage": self.stage, "masks": {k: v.cpu() for k, v in self.masks.items()},
+                "dense": {k: v.cpu() for k, v in self.dense.items()},
+                "last_update_step": self.last_update_step, "stage_results": list(self.stage_results)}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.stage = state_dict["stage"]
-        self.masks = dict(state_dict["masks"])
-        self.dense = dict(state_dict["dense"])
-        self.last_update_step = state_dict["last_update_step"]
+        self.stage, self.last_update_step = state_dict["stage"], state_dict["last_update_step"]
+        self.masks, self.dense = dict(state_dict["masks"]), dict(state_dict["dense"])
         self.stage_results = list(state_dict["stage_results"])
         self.phase = Phase.MASKED if self.masks else Phase.DENSE

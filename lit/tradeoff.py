@@ -5,12 +5,12 @@ compare accuracy against training time.
     python -m lit.tradeoff --models deit_fmnist_tiny_patch4_28 deit_fmnist_small_patch4_28 \\
         --keep_rates 1.0 0.5 0.25 --resolutions 28 --budget_s 120 --out runs/tradeoff
 
-Every run trains an :class:`models.ImageClassifier` on Fashion-MNIST (real IDX files; images are
-resized when the resolution is not 28) with AdamW and a warm-up + cosine schedule that ends
-when the run ends: at the time budget (the schedule follows elapsed training time) or after
-``--max_epochs`` (the schedule follows steps). Training time is wall time minus evaluation.
-Validation accuracy (on ``--eval_images`` held-out images) is taken every ``--eval_every_s``
-seconds and at every epoch end; the official 10k test set is scored once at the end.
+Each grid point is one ``python -m lit fit`` subprocess with a config written by this tool
+(kept as ``<out>/runs/<run>/config.yaml``): :class:`models.ImageClassifier` on Fashion-MNIST
+(resized when the resolution is not 28), AdamW, :class:`lit.schedulers.WarmupDecay` (5 % warm-up,
+cosine) and :class:`callbacks.BudgetEvaluator`, which stops at the budget, ends the schedule
+with the run, and scores ``--eval_images`` held-out images every ``--eval_every_s`` training
+seconds and at every epoch end; the official test set is scored once at the end.
 
 Writes into ``--out``: ``curves.csv`` (every evaluation), ``summary.csv`` and ``summary.md``
 (one row per run, plus accuracy at each common epoch), ``tradeoff.png`` (validation accuracy vs
@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 FIELDS = ["run", "model", "params", "keep_rate", "resolution", "train_s", "epochs", "steps",
@@ -41,7 +42,7 @@ def run_name(model: str, keep_rate: float, resolution: int) -> str:
 
 def run_config(args: argparse.Namespace, model: str, keep_rate: float, resolution: int, points_file: Path) -> dict:
     """The ``python -m lit fit`` config of one grid point."""
-    gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and _cuda())
+    gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
     resize = [{"class_path": "torchvision.transforms.v2.Resize",
                "init_args": {"size": [resolution, resolution], "antialias": True}}] if resolution != 28 else None
     data = {"batch_size": args.batch_size, "val_size": args.eval_images, "seed": args.seed,
@@ -70,12 +71,6 @@ def run_config(args: argparse.Namespace, model: str, keep_rate: float, resolutio
     }
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def run_one(args: argparse.Namespace, model: str, keep_rate: float, resolution: int) -> list[dict]:
     """Train one grid point in a ``python -m lit fit`` subprocess; its evaluations as dicts."""
     name = run_name(model, keep_rate, resolution)
@@ -89,9 +84,7 @@ def run_one(args: argparse.Namespace, model: str, keep_rate: float, resolution: 
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"run {name}: python -m lit fit --config {config}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "lit", "fit", "--config", str(config)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    print(proc.stdout, end="", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "lit", "fit", "--config", str(config)], env=env)
     if proc.returncode != 0:
         raise SystemExit(f"run {name} failed (exit {proc.returncode}); its config: {config}")
     points = json.loads(points_file.read_text()) if points_file.is_file() else []

@@ -26,17 +26,9 @@ from models.patch_dropout import install_patch_dropout
 from models.swin_patch_dropout import install_swin_patch_dropout
 
 
-def build_backbone(
-    backbone: str | nn.Module,
-    num_classes: int,
-    in_chans: int,
-    img_size: int | None,
-    keep_rate: float,
-    pretrained: bool,
-    drop_path_rate: float,
-    keep_rate_schedule: Literal["fixed", "random"] = "fixed",
-    ordered: bool = True,
-) -> nn.Module:
+def build_backbone(backbone: str | nn.Module, num_classes: int, in_chans: int, img_size: int | None,
+                   keep_rate: float, pretrained: bool, drop_path_rate: float,
+                   keep_rate_schedule: Literal["fixed", "random"] = "fixed", ordered: bool = True) -> nn.Module:
     """Create a timm model by name (or take the given module) and install PatchDropout in it.
 
     PatchDropout goes into ViT/DeiT's ``patch_drop`` slot or turns a Swin into
@@ -148,10 +140,8 @@ class ImageClassifier(ClassifierModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.backbone = net
         self.example_input_array = example_images(net)
-        self.mixup = None
-        if mixup_alpha > 0 or cutmix_alpha > 0:
-            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                               label_smoothing=label_smoothing, num_classes=classes)
+        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                           num_classes=classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None
         self.throughput_every_n_steps = throughput_every_n_steps
         self._window_start: float | None = None
         self._window_images = 0

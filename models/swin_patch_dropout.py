@@ -34,7 +34,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer
+from timm.layers import to_2tuple
+from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
 from torch import nn
 from typing_extensions import override
 
@@ -125,8 +126,7 @@ def window_block_forward(block: nn.Module, x: torch.Tensor, window: tuple[int, i
     h = F.pad(h, (0, 0, 0, pad_w, 0, pad_h))
     hp, wp = height + pad_h, width + pad_w
     nh, nw, area = hp // window[0], wp // window[1], window[0] * window[1]
-    windows = h.view(batch, nh, window[0], nw, window[1], chans).permute(0, 1, 3, 2, 4, 5)
-    windows = windows.reshape(batch * nh * nw, area, chans)
+    windows = window_partition(h, window).view(batch * nh * nw, area, chans)
 
     heads = attn.num_heads
     qkv = attn.qkv(windows).reshape(windows.shape[0], area, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -142,18 +142,13 @@ def window_block_forward(block: nn.Module, x: torch.Tensor, window: tuple[int, i
         dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows.shape[0], area, -1)))
 
-    out = out.view(batch, nh, nw, window[0], window[1], chans).permute(0, 1, 3, 2, 4, 5)
-    out = out.reshape(batch, hp, wp, chans)[:, :height, :width]
+    out = window_reverse(out.view(-1, *window, chans), window, hp, wp)[:, :height, :width]
     if any(shift):
         out = torch.roll(out, shifts=shift, dims=(1, 2))
     x = x + block.drop_path1(out)
     x = x.reshape(batch, -1, chans)
     x = x + block.drop_path2(block.mlp(block.norm2(x)))
     return x.reshape(batch, height, width, chans)
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def swin_features_dropped(model: SwinTransformer, images: torch.Tensor, rows: torch.Tensor,
@@ -163,7 +158,7 @@ def swin_features_dropped(model: SwinTransformer, images: torch.Tensor, rows: to
     Returns the normed NHWC feature map ``(B, h, w, C)`` of the last stage; with ``rows`` and
     ``cols`` equal to ``0..W-1`` the result is timm's (up to float rounding).
     """
-    window = _pair(model.layers[0].blocks[0].window_size)[0]
+    window = to_2tuple(model.layers[0].blocks[0].window_size)[0]
     x = model.patch_embed(images)  # (B, H, W, C)
     x = drop_rows_cols(x, rows, cols, window)
     n = rows.shape[1]
@@ -176,7 +171,7 @@ def swin_features_dropped(model: SwinTransformer, images: torch.Tensor, rows: to
         win = (min(n, height), min(n, width))
         index_cache: dict[tuple[int, int], torch.Tensor] = {}
         for block in stage.blocks:
-            table = _pair(block.attn.window_size)
+            table = to_2tuple(block.attn.window_size)
             if table not in index_cache:
                 # Sampled window coordinates where the block's own window is the sampling window
                 # and the kept window is full size; dense coordinates in a clipped single window.
@@ -185,7 +180,7 @@ def swin_features_dropped(model: SwinTransformer, images: torch.Tensor, rows: to
                 c = cols if (win[1] == n and table[1] == window) else \
                     torch.arange(win[1], device=x.device).expand(batch, -1)
                 index_cache[table] = relative_position_index(r, c, table)
-            shifted = any(_pair(block.shift_size))
+            shifted = any(to_2tuple(block.shift_size))
             shift = (win[0] // 2 if shifted and height > win[0] else 0,
                      win[1] // 2 if shifted and width > win[1] else 0)
             x = window_block_forward(block, x, win, shift, index_cache[table])
@@ -238,7 +233,7 @@ class PatchDropoutSwinTransformer(SwinTransformer):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         selection = self.patch_drop.sample(x.shape[0], x.device) if self.training else None
         if selection is None:
-            patch = _pair(self.patch_embed.patch_size)
+            patch = to_2tuple(self.patch_embed.patch_size)
             self.patch_drop.last_tokens = (x.shape[-2] // patch[0]) * (x.shape[-1] // patch[1])
             return super().forward_features(x)
         out = swin_features_dropped(self, x, *selection)
@@ -251,7 +246,7 @@ def install_swin_patch_dropout(model: nn.Module, keep_rate: float,
     """Give a built timm ``SwinTransformer`` structured PatchDropout (in place); returns the layer."""
     if not isinstance(model, SwinTransformer):
         raise ValueError(f"backbone: Swin PatchDropout needs a timm SwinTransformer, got {type(model).__name__}")
-    window = _pair(model.layers[0].blocks[0].window_size)
+    window = to_2tuple(model.layers[0].blocks[0].window_size)
     grid = tuple(model.patch_embed.grid_size)
     layer = SwinPatchDropout(keep_rate, schedule, window[0])  # checks the keep rate first
     if window[0] != window[1]:

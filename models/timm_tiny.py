@@ -8,64 +8,51 @@ image is 49 patch tokens. Importing this module registers the names; after that
 from __future__ import annotations
 
 from timm.models import register_model
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+VIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "mlp_ratio": 2.0}
+SWIN = {"img_size": 28, "patch_size": 2, "window_size": 7, "in_chans": 1, "num_classes": 10,
+        "drop_path_rate": 0.0, "mlp_ratio": 2.0}
 
-def _vit(**kwargs) -> VisionTransformer:
-    kwargs.setdefault("img_size", 28)
-    kwargs.setdefault("patch_size", 4)
-    kwargs.setdefault("in_chans", 1)
-    kwargs.setdefault("num_classes", 10)
+
+def _build(cls: type, kwargs: dict, **defaults):
+    """``cls`` with ``defaults`` overridden by ``kwargs``, minus timm's factory extras."""
     if kwargs.pop("pretrained", False):
         raise ValueError("pretrained: the 28x28 models have no pretrained weights; set it to false")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
-        kwargs.pop(key, None)
-    return VisionTransformer(**kwargs)
+    extras = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
+    if cls is SwinTransformer:
+        extras.add("patch_drop_rate")  # timm passes it; Swin has no such argument
+    return cls(**{**defaults, **{k: v for k, v in kwargs.items() if k not in extras}})
 
 
 @register_model
 def deit_fmnist_tiny_patch4_28(**kwargs) -> VisionTransformer:
     """embed 64, depth 4, 2 heads: the quickstart model (~0.2M parameters)."""
-    return _vit(embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, **kwargs)
+    return _build(VisionTransformer, kwargs, **VIT, embed_dim=64, depth=4, num_heads=2)
 
 
 @register_model
 def deit_fmnist_small_patch4_28(**kwargs) -> VisionTransformer:
     """embed 128, depth 6, 4 heads (~0.9M parameters)."""
-    return _vit(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, **kwargs)
+    return _build(VisionTransformer, kwargs, **VIT, embed_dim=128, depth=6, num_heads=4)
 
 
 @register_model
 def deit_fmnist_base_patch4_28(**kwargs) -> VisionTransformer:
     """embed 192, depth 8, 6 heads (~2.4M parameters)."""
-    return _vit(embed_dim=192, depth=8, num_heads=6, mlp_ratio=2.0, **kwargs)
-
-
-def _swin(**kwargs):
-    from timm.models.swin_transformer import SwinTransformer
-
-    kwargs.setdefault("img_size", 28)
-    kwargs.setdefault("patch_size", 2)
-    kwargs.setdefault("window_size", 7)
-    kwargs.setdefault("in_chans", 1)
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("drop_path_rate", 0.0)
-    if kwargs.pop("pretrained", False):
-        raise ValueError("pretrained: the 28x28 models have no pretrained weights; set it to false")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "patch_drop_rate"):
-        kwargs.pop(key, None)
-    return SwinTransformer(**kwargs)
+    return _build(VisionTransformer, kwargs, **VIT, embed_dim=192, depth=8, num_heads=6)
 
 
 @register_model
-def swin_fmnist_tiny_patch2_window7_28(**kwargs):
+def swin_fmnist_tiny_patch2_window7_28(**kwargs) -> SwinTransformer:
     """Swin for 28x28: 2x2 patches (14x14 grid = 2x2 windows of 7), stages 14 -> 7, embed 48,
     depths (2, 2), heads (2, 4) (~0.2M parameters)."""
-    return _swin(embed_dim=48, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2.0, **kwargs)
+    return _build(SwinTransformer, kwargs, **SWIN, embed_dim=48, depths=(2, 2), num_heads=(2, 4))
 
 
 @register_model
-def swin_fmnist_small_patch2_window7_28(**kwargs):
+def swin_fmnist_small_patch2_window7_28(**kwargs) -> SwinTransformer:
     """Three stages 14 -> 7 -> 4 (timm pads the odd 7; the last window is clipped to 4), embed 64,
     depths (2, 2, 2), heads (2, 4, 8) (~1.6M parameters)."""
-    return _swin(embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratio=2.0, **kwargs)
+    return _build(SwinTransformer, kwargs, **SWIN, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8))
