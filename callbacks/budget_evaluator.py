@@ -62,8 +62,7 @@ class BudgetEvaluator(Callback):
         self.start = self.paused = 0.0
         self.next_eval, self.images, self.val_batches = eval_every_s, 0, None
 
-    def seconds(self) -> float:
-        """Training seconds so far (evaluation excluded)."""
+    def seconds(self) -> float:  # training seconds so far, evaluation excluded
         return self.now() - self.start - self.paused
 
     @override
@@ -103,9 +102,8 @@ class BudgetEvaluator(Callback):
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, at_epoch_end: bool) -> None:
         """Validation accuracy now, with the clock paused."""
-        paused_at, seconds = self.now(), self.seconds()
+        paused_at, seconds, was_training, metric = self.now(), self.seconds(), pl_module.training, None
         self.val_batches = self.val_batches or list(trainer.datamodule.val_dataloader())
-        was_training, metric = pl_module.training, None
         pl_module.eval()
         for images, labels in self.val_batches:
             logits = pl_module(images.to(pl_module.device))

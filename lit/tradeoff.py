@@ -32,10 +32,6 @@ from pathlib import Path
 import torch
 import yaml
 
-FIELDS = ["run", "model", "params", "keep_rate", "resolution", "train_s", "epochs", "steps",
-          "images_per_s", "val_acc", "at_epoch_end", "test_acc"]
-
-
 def run_name(model: str, keep_rate: float, resolution: int) -> str:
     return f"{model}-keep{keep_rate:g}-res{resolution}"
 
@@ -80,9 +76,7 @@ def run_one(args: argparse.Namespace, model: str, keep_rate: float, resolution: 
     points_file.unlink(missing_ok=True)
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump(run_config(args, model, keep_rate, resolution, points_file), sort_keys=False))
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     print(f"run {name}: python -m lit fit --config {config}", flush=True)
     proc = subprocess.run([sys.executable, "-m", "lit", "fit", "--config", str(config)], env=env)
     if proc.returncode != 0:
@@ -127,11 +121,11 @@ def write_outputs(points: list[dict], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     rows, markdown = summarise(points)
-    for filename, table, fields in (("curves.csv", points, FIELDS), ("summary.csv", rows, list(rows[0]))):
+    for filename, table, fields in (("curves.csv", points, list(points[0])), ("summary.csv", rows, list(rows[0]))):
         with open(out / filename, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
-            writer.writerows({k: r[k] for k in fields} for r in table)
+            writer.writerows(table)
     (out / "summary.md").write_text(markdown)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(p["run"] for p in points):

@@ -1,8 +1,7 @@
-"""The classification steps shared by :class:`models.ImageClassifier` and
-:class:`models.BertClassifier`: cross-entropy with label smoothing, micro accuracy from
-torchmetrics per stage, and argmax predictions. A subclass says how a batch splits into the
-forward's inputs and the labels (:meth:`ClassifierModule.split_batch`) and may replace the
-training loss (mixup); it sets ``example_input_array`` so that the model summary shows FLOPs."""
+"""The steps shared by :class:`models.ImageClassifier` and :class:`models.BertClassifier`:
+label-smoothed cross-entropy, torchmetrics accuracy per stage, argmax predictions. Subclasses
+split batches (:meth:`ClassifierModule.split_batch`), may replace the training loss (mixup) and
+set ``example_input_array`` so that the model summary shows FLOPs."""
 
 from __future__ import annotations
 
@@ -19,9 +18,8 @@ from lit.module import LitModule, default_optimizer
 
 # The model summary counts FLOPs with torch's FlopCounterMode, which knows the CUDA attention
 # kernels but not the CPU one: without this, a summary on the CPU leaves attention out.
-_aten = torch.ops.aten
-flop_registry.setdefault(_aten._scaled_dot_product_flash_attention_for_cpu,
-                         flop_registry[_aten._scaled_dot_product_flash_attention])
+flop_registry.setdefault(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                         flop_registry[torch.ops.aten._scaled_dot_product_flash_attention])
 
 
 class ClassifierModule(LitModule):

@@ -36,10 +36,8 @@ def build_backbone(backbone: str | nn.Module, num_classes: int, in_chans: int, i
     the state dict stays timm's. Only a fixed keep rate of exactly 1.0 leaves the model as it is;
     every other value goes to the layer, which checks it.
     """
-    if isinstance(backbone, nn.Module):
-        model = backbone
-    else:
-        model = create_timm_model(backbone, num_classes, in_chans, img_size, pretrained, drop_path_rate)
+    model = backbone if isinstance(backbone, nn.Module) else \
+        create_timm_model(backbone, num_classes, in_chans, img_size, pretrained, drop_path_rate)
     if keep_rate != 1.0 or keep_rate_schedule != "fixed":
         install_any_patch_dropout(model, keep_rate, keep_rate_schedule, ordered)
     return model
@@ -66,10 +64,8 @@ def create_timm_model(name: str, num_classes: int, in_chans: int, img_size: int 
     except RuntimeError as err:  # timm: "Unknown model (...)"
         if "Unknown model" not in str(err):
             raise
-        raise ValueError(
-            f"backbone: timm has no model named {name!r}; list them with "
-            f"`python -c \"import timm; print(timm.list_models('*deit*'))\"`"
-        ) from err
+        raise ValueError(f"backbone: timm has no model named {name!r}; list them with "
+                         f"`python -c \"import timm; print(timm.list_models('*deit*'))\"`") from err
 
 
 def example_images(model: nn.Module) -> torch.Tensor:

@@ -100,15 +100,11 @@ class PatchDropout(nn.Module):
         self.last_tokens: int | None = None
         self.last_indices: torch.Tensor | None = None
 
-    def step_keep_rate(self) -> float:
-        """The keep rate of this training step (drawn anew for ``schedule="random"``)."""
-        return sample_keep_rate() if self.schedule == "random" else self.keep_rate
-
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P + L, D) -> (B, P + k, D)
         if not self.training:
             return x
-        self.last_keep_rate = self.step_keep_rate()
+        self.last_keep_rate = sample_keep_rate() if self.schedule == "random" else self.keep_rate
         x, self.last_indices = patch_dropout(x, self.last_keep_rate, self.num_prefix_tokens, self.ordered)
         self.last_tokens = x.shape[1] - self.num_prefix_tokens
         return x
