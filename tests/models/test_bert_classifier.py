@@ -53,6 +53,18 @@ def test_random_init_loss_and_no_decay_groups():
     assert any(p is model.net.bert.encoder.layer[0].output.LayerNorm.weight for p in no_decay["params"])
 
 
+def test_model_summary_flops_equal_a_hand_count():
+    """TINY: H = 32, 2 layers, FFN 64, one sequence of 64 tokens (its max_position_embeddings).
+    Per layer Q, K, V and output 4 x 2TH^2, FFN 2 x 2THI, attention 2 x 2T^2H; pooler 2H^2 on
+    the first token, classifier 2H x 2. Embedding lookups have no FLOPs."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    t, h, i = 64, 32, 64
+    layer = 4 * 2 * t * h * h + 2 * 2 * t * h * i + 2 * 2 * t * t * h
+    model = BertClassifier(pretrained=None, config=TINY)
+    assert ModelSummary(model).total_flops == 2 * layer + 2 * h * h + 2 * h * 2 == 3_147_904
+
+
 def test_bad_arguments_are_clear(tmp_path):
     with pytest.raises(ValueError, match="pretrained: .* is not a directory with a config.json"):
         BertClassifier(pretrained=str(tmp_path))
