@@ -141,7 +141,8 @@ def allocate_command(args) -> list[Allocation]:
              f"{args.metric} [{pct} CI] | extrapolated |", "|---|---|---|---|---|---|"]
     for a in allocations:
         mark = " **best**" if a is best else ""
-        lines.append(f"| {a.strategy}{mark} | {a.x:.4g} | {a.samples:.4g} | {a.flops_per_sample:.4g} | "
+        x = "baseline model" if a.strategy == "data" else f"{a.x:.4g}"
+        lines.append(f"| {a.strategy}{mark} | {x} | {a.samples:.4g} | {a.flops_per_sample:.4g} | "
                      f"{a.loss:.4f} [{a.loss_lo:.4f}, {a.loss_hi:.4f}] | "
                      f"{'yes' if a.extrapolated else 'no'} |")
     if skipped:

@@ -266,6 +266,7 @@ def test_rows_are_appended_whole(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sweep_end_to_end_records_failures_resumes_and_survives_ctrl_c(tmp_path):
     """Real `python -m lit fit` subprocesses: a failing grid point (H=0) is recorded and the sweep
     goes on; a second start runs only what failed; Ctrl-C mid-run leaves whole rows only."""
