@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.ctr.sharding import Reader, batches_for_reader, num_global_batches
+from datamodules.ctr.stream import BatchStream, StreamLoader
 from datamodules.ctr.synthetic import SyntheticCTR
 
 SMALL = dict(cardinalities=[50, 1000, 3], num_dense=4, val_samples=512, test_samples=512)
@@ -166,3 +167,30 @@ def test_dlrm_single_epoch_interrupted_and_resumed_equals_a_straight_run(tmp_pat
     assert resumed.samples_seen == straight.samples_seen == 64 * 9
     assert float(trainer.callback_metrics["train/progressive_loss"]) == pytest.approx(
         float(straight_trainer.callback_metrics["train/progressive_loss"]), rel=1e-6)
+
+
+class ShuffledStream(LightningDataModule):
+    """A shuffled BatchStream of dense-only batches (MovieLens-style per-epoch shuffle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source = SyntheticCTR(batch_size=32, train_samples=32 * 4, **SMALL).source("train")
+
+    def train_dataloader(self):
+        return StreamLoader(BatchStream(32 * 4, 32, self.source, shuffle_seed=5), 0, self.trainer)
+
+
+def test_resume_from_an_epoch_end_checkpoint_takes_the_next_epochs_shuffle(tmp_path):
+    def run(root, epochs, record, ckpt_path=None):
+        trainer = Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[record, ModelCheckpoint(dirpath=root, save_last=True)],
+                          default_root_dir=root)
+        trainer.fit(Logistic(), datamodule=ShuffledStream(), ckpt_path=ckpt_path)
+
+    straight, first, second = Record(), Record(), Record()
+    run(tmp_path / "a", 3, straight)
+    run(tmp_path / "b", 2, first)
+    run(tmp_path / "b", 3, second, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert len(second.seen) == 4 and straight.seen[8:] != straight.seen[4:8]
+    assert first.seen + second.seen == straight.seen
