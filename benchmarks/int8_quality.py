@@ -81,20 +81,26 @@ def train(args, dm: TextClassification, root: Path) -> tuple[Path, Path]:
     return dense, sparse
 
 
+RUNS = ("32-true:dynamic", "bf16-true:dynamic", "bf16-true:calibrated")
+
+
 def evaluate(args, dm: TextClassification, name: str, ckpt: Path) -> list[dict]:
     """Test accuracy of one checkpoint in fp32 and bf16, each beside its int8 version.
 
     fp32 and bf16 runs use the paper's dynamic outlier detection; a third run repeats bf16 with
     ``outliers="calibrated"`` (only the calibrated columns leave the int8 part). The outlier
-    features are recorded on the fp32 run.
+    features are recorded on the fp32 run. ``--runs`` picks others, e.g. ``bf16-true:plain``
+    (threshold inf: plain row-wise int8, no 16-bit part).
     """
     from callbacks.int8_eval import Int8Eval
     from callbacks.outlier_features import OutlierFeatures
 
     rows = []
-    for precision, mode in (("32-true", "dynamic"), ("bf16-true", "dynamic"), ("bf16-true", "calibrated")):
+    for run in args.runs:
+        precision, mode = run.split(":")
         model = make_model(args, str(ckpt), args.lr, 0.0).eval()
-        callbacks = [Int8Eval(threshold=args.threshold, outliers=mode)]
+        threshold = float("inf") if mode == "plain" else args.threshold
+        callbacks = [Int8Eval(threshold=threshold, outliers="dynamic" if mode == "plain" else mode)]
         outliers = None
         if precision == "32-true":
             outliers = OutlierFeatures(threshold=args.threshold,
@@ -133,6 +139,8 @@ def main() -> None:
     parser.add_argument("--dense-ckpt", default=None, help="reuse this dense checkpoint")
     parser.add_argument("--sparse-ckpt", default=None, help="reuse this 2:4 checkpoint")
     parser.add_argument("--train-only", action="store_true", help="stop after obtaining the checkpoints")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS),
+                        help="PRECISION:MODE test runs per checkpoint; MODE dynamic, calibrated or plain (threshold inf)")
     parser.add_argument("--freeze-embeddings", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     parser.add_argument("--workdir", default="runs/int8_quality")

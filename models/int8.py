@@ -323,6 +323,8 @@ def quantize_model(model: nn.Module, threshold: float = 6.0, include: Iterable[s
     Args:
         fp16_dims: per layer name, the input dimensions whose 16-bit weight columns are kept
             (e.g. ``OutlierCounter.outlier_dims()`` on calibration data); default none.
+        outliers: ``"dynamic"`` or ``"calibrated"`` for every converted layer (see the module
+            docstring).
     """
     threshold = check_threshold(threshold)
     inc, exc = [re.compile(p) for p in include], [re.compile(p) for p in exclude]
