@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from importlib import import_module
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
 
 CLASS_KEY = "lit_module_class"
 
 
 def class_path(obj: object) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return class_path_of(type(obj))
 
 
-def check_checkpoint(path: str | Path, model: LightningModule | None = None) -> dict:
+def check_checkpoint(path: str | Path, model_class: str | None = None) -> dict:
     """Open ``path`` as a Lightning checkpoint (weights-only, memory-mapped) and check that it
-    was written by ``model``'s class; returns its top-level keys and class record.
+    was written by ``model_class`` (a class path); returns the checkpoint (tensors mmapped).
 
     Raises:
         ValueError: naming the file and what to do: missing, not a Lightning checkpoint, or a
@@ -38,22 +37,34 @@ def check_checkpoint(path: str | Path, model: LightningModule | None = None) -> 
         mmap = zipfile.is_zipfile(path)  # torch's format since 1.6; mmap avoids reading tables
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # torch's own message suggests weights_only=False, i.e. running the file's code: no.
+        reason = ("its content is not tensors and plain values" if isinstance(
+            error, pickle.UnpicklingError) else type(error).__name__)
         raise ValueError(f"--ckpt_path {str(path)!r} is not a readable PyTorch checkpoint "
-                         f"({reason[:200]}); give a .ckpt file written by `python -m lit fit`"
+                         f"({reason}); give a .ckpt file written by `python -m lit fit`"
                          ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"--ckpt_path {str(path)!r} is a torch file but not a Lightning "
                          "checkpoint (no 'state_dict'); give a .ckpt file written by "
                          "`python -m lit fit`")
     written_by = checkpoint.get(CLASS_KEY)
-    if model is not None and written_by is not None and written_by != class_path(model):
+    if model_class is not None and written_by is not None and written_by != model_class:
         config = path.parent.parent / "config.yaml"
         hint = f" (its config: {config})" if config.is_file() else ""
         raise ValueError(f"--ckpt_path {str(path)!r} is a checkpoint of {written_by}, but this "
-                         f"config builds {class_path(model)}: use the config the checkpoint was "
+                         f"config builds {model_class}: use the config the checkpoint was "
                          f"trained with{hint}")
-    return {"keys": sorted(checkpoint), CLASS_KEY: written_by}
+    return checkpoint
+
+
+def resolve_class_path(name: str) -> str:
+    """``models.ImageClassifier`` (a registry name) -> ``models.image_classifier.ImageClassifier``."""
+    module, _, attr = name.rpartition(".")
+    return class_path_of(getattr(import_module(module), attr))
+
+
+def class_path_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def version_of_checkpoint(path: str | Path, logger_root: Path) -> int | str | None:

@@ -37,7 +37,7 @@ from typing_extensions import override
 
 from callbacks.run_hparams import RunHparams, flat_hparams
 from callbacks.signal_checkpoint import SignalCheckpoint, StopRequested
-from lit.checkpoints import check_checkpoint, version_of_checkpoint
+from lit.checkpoints import check_checkpoint, resolve_class_path, version_of_checkpoint
 from lit.module import LitModule
 import lit.optim.adan  # noqa: F401  (makes --optimizer Adan resolve)
 
@@ -61,6 +61,8 @@ class LoggerAwareLearningRateMonitor(LearningRateMonitor):
         if trainer.loggers:
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
+
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # Lightning resolves these itself
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -86,7 +88,9 @@ class LitCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        # Each run has its own version folder; a resumed run writes into its folder again and
+        # should update last.ckpt rather than add last-v1.ckpt beside it.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(LoggerAwareLearningRateMonitor, "lr_monitor")
         parser.add_argument(
             "--resume_same_version",
@@ -116,6 +120,35 @@ class LitCLI(LightningCLI):
             self.config = parser.parse_args(qualify_short_names(self.argv))
 
     @override
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (a file, a Lightning checkpoint, of this config's model class)
+        with one clear line on failure, then take the model's saved hyperparameters as
+        Lightning's CLI does (from a memory-mapped load: a DLRM's tables are not read)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+            return
+        model = self.config[subcommand].get("model")
+        model_class = model.get("class_path") if model is not None else None
+        try:
+            checkpoint = check_checkpoint(ckpt_path, resolve_class_path(model_class)
+                                          if isinstance(model_class, str) else None)
+        except ValueError as error:
+            sys.stderr.write(f"error: {error}\n")
+            sys.exit(2)
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        elif isinstance(model_class, str):  # saved by Trainer.save_checkpoint outside the CLI
+            hparams = {"class_path": model_class, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    @override
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # The user's word beats our default checkpoint; fast_dev_run promises to write none.
         if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
@@ -128,10 +161,9 @@ class LitCLI(LightningCLI):
     @override
     def _run_subcommand(self, subcommand: str) -> None:
         ckpt_path = self._get(self.config, "ckpt_path")
-        if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint(ckpt_path, self.model)
-            if subcommand == "fit" and self._get(self.config, "resume_same_version", True):
-                self._log_into_version_of(ckpt_path)
+        if ckpt_path is not None and ckpt_path not in SPECIAL_CKPT_PATHS \
+                and subcommand == "fit" and self._get(self.config, "resume_same_version", True):
+            self._log_into_version_of(ckpt_path)
         # RunHparams logs one readable hparams entry; Lightning's own would be a second one.
         for obj in (self.model, self.datamodule):
             if obj is not None:

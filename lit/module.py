@@ -101,9 +101,9 @@ class LitModule(LightningModule):
         scheduler = self.lr_scheduler(optimizer)
         interval = self.lr_scheduler_interval
         if plans_run_length(scheduler):
+            # The length is planned in on_train_start: the Trainer's estimate loads the training
+            # data, which here would come before a checkpoint's data position is restored.
             interval = "step"
-            if scheduler.total_steps is None:
-                scheduler.plan(int(self.trainer.estimated_stepping_batches), automatic=True)
         config = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor
@@ -116,16 +116,21 @@ class LitModule(LightningModule):
 
     @override
     def on_train_start(self) -> None:
-        """After a resume, plan a Trainer-derived schedule again for the run's (new) length.
+        """Give a schedule without ``total_steps`` the run's length, and plan it again when a
+        resumed run has a new length.
 
         A checkpoint stores the schedule's old length: extending ``max_epochs`` on resume would
         otherwise train at the end of the old schedule (lr 0 for a linear decay to 0).
         """
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs
+                      if plans_run_length(c.scheduler)]
+        if not schedulers:
+            return
         total = int(self.trainer.estimated_stepping_batches)
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if plans_run_length(scheduler) and scheduler.automatic_length \
-                    and scheduler.total_steps != total:
+        for scheduler in schedulers:
+            if scheduler.total_steps is None:
+                scheduler.plan(total, automatic=True)
+            elif scheduler.automatic_length and scheduler.total_steps != total:
                 rank_zero_info(f"[lit] the run's length changed: {type(scheduler).__name__} "
                                f"re-planned from {scheduler.total_steps} to {total} optimizer "
                                f"steps, continuing at step {scheduler.last_epoch}")

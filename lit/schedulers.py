@@ -2,7 +2,7 @@
 
 ``WarmupDecay`` is linear warm-up followed by linear or cosine decay, the schedule of BERT
 fine-tuning and of DeiT/Swin training. When ``total_steps`` is omitted, :class:`lit.module.LitModule`
-fills it in from ``Trainer.estimated_stepping_batches``, so a YAML file need not repeat
+fills it in from ``Trainer.estimated_stepping_batches`` at train start, so a YAML file need not repeat
 ``max_epochs`` x batches, and plans it again when a resumed run is given a new length.
 
 The protocol, read in one place (:func:`plans_run_length`): a scheduler with a ``plan(total_steps,

@@ -42,11 +42,11 @@ def test_short_run_writes_logs_and_checkpoint_and_resumes(tmp_path: Path) -> Non
     assert state["global_step"] == 6 and state["epoch"] == 0
     proc = run_lit(["fit", *common, "--trainer.max_epochs=2", f"--ckpt_path={checkpoint}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = torch.load(tmp_path / "quickstart" / "version_1" / "checkpoints" / "last.ckpt",
+    # The resume logs into the same version folder and updates its last.ckpt.
+    resumed = torch.load(checkpoint,
                          map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 12 and resumed["epoch"] == 1
-    # The checkpoint written before the resume is untouched.
-    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 6
+    assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["version_0"]
 
     # The other subcommands load the checkpoint: validate, test and predict.
     for subcommand in ("validate", "test", "predict"):
