@@ -16,7 +16,22 @@ from tests.conftest import CONFIGS, ROOT, run_lit
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def config_kind(path: Path) -> str:
+    """``sweep`` (a ``python -m lit.scaling`` grid over a base config), ``overlay`` (added to a
+    recipe with a second ``--config``: no model of its own) or ``recipe``."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if "base_config" in data:
+        return "sweep"
+    return "recipe" if "model" in data else "overlay"
+
+
+RECIPES = [p for p in ALL_CONFIGS if config_kind(p) == "recipe"]
+OVERLAYS = [p for p in ALL_CONFIGS if config_kind(p) == "overlay"]
+# The recipe each overlay is documented with (its header's command).
+OVERLAY_BASE = {"bert/int8_eval.yaml": "bert/minilm_dense.yaml"}
+
+
+@pytest.mark.parametrize("config", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_parses_through_the_cli(config: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
@@ -24,6 +39,17 @@ def test_every_config_parses_through_the_cli(config: Path, capsys) -> None:
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"]
     assert printed["data"]["class_path"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_overlay_parses_on_its_recipe(overlay: Path, capsys) -> None:
+    base = OVERLAY_BASE[str(overlay.relative_to(CONFIGS))]
+    assert base in overlay.read_text()  # the overlay's header names the recipe it goes with
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(CONFIGS / base), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["callbacks"]
 
 
 def test_print_config_round_trips(tmp_path: Path, capsys) -> None:

@@ -160,3 +160,38 @@ def test_resume_command_replaces_the_checkpoint():
     assert resume_command(argv, "runs/x/last.ckpt") == (
         "python -m lit fit --config 'a b.yaml' --trainer.max_epochs=3 --ckpt_path runs/x/last.ckpt")
 
+
+
+@pytest.mark.slow
+def test_dlrm_single_epoch_sigterm_resumes_exactly_once_to_the_same_weights(tmp_path):
+    small = ["--data.init_args.batch_size=256", "--data.init_args.train_samples=4096",
+             "--data.init_args.val_samples=512", "--data.init_args.test_samples=512",
+             "--data.init_args.max_cardinality=1000", "--model.init_args.num_embeddings=1000",
+             "--model.init_args.embedding_dim=8", "--model.init_args.dense_arch_layer_sizes=[16]",
+             "--model.init_args.over_arch_layer_sizes=[16]", "--test_after_fit=false",
+             "--trainer.callbacks=[{class_path: callbacks.EvalAtSamples, "
+             "init_args: {at_samples: [1024, 4096]}}]", "--trainer.enable_progress_bar=false"]
+
+    def args(root: Path) -> list[str]:
+        return cli_args("fit", f"--config={CONFIGS / 'dlrm' / 'synthetic.yaml'}", *small,
+                        tmp_path=root)
+
+    def last(root: Path) -> Path:
+        return root / "runs" / "dlrm_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
+
+    straight = run_lit(args(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stop = f"--trainer.callbacks+={{class_path: {__name__}.SendSignal, " \
+           f"init_args: {{at_step: 5, signum: {int(signal.SIGTERM)}}}}}"
+    first = run_lit([*args(tmp_path / "cut"), stop])
+    assert first.returncode == 143, first.stderr[-3000:]
+    ckpt = last(tmp_path / "cut")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["samples_seen"] == 5 * 256
+    resumed = run_lit([*args(tmp_path / "cut"), f"--ckpt_path={ckpt}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(last(tmp_path / "straight"), map_location="cpu", weights_only=True)
+    b = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert a["samples_seen"] == b["samples_seen"] == 4096  # each sample once across the stop
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0,
+                                   msg=key)
