@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--confidence", type=float, default=0.95)
     f.add_argument("--flat-tol", type=float, default=0.005,
                    help="'out of steam' when the CI's lower bound of the relative loss drop over the "
-                        "measured range is below this")
+                        "last 10x of x is below this")
     f.add_argument("--seed", type=int, default=0)
 
     a = sub.add_parser("allocate", help="split a compute budget between data and one knob")

@@ -13,8 +13,9 @@ breaks down with the 4-8 points a sweep gives: many resamples repeat x values or
 of the range.)
 
 A curve is "out of steam" (the paper's phrase for parameter scaling) when the lower confidence
-bound of its relative loss drop over the measured range, ``(L(x_min) - L(x_max)) / L(x_min)``,
-is below ``flat_tol``: within its CI, growing x bought (almost) nothing.
+bound of its relative loss drop over the last decade of x, ``(L(x_max / 10) - L(x_max)) /
+L(x_max / 10)``, is below ``flat_tol``: within its CI, the last 10x of x bought (almost) nothing.
+(Over a range narrower than 10x, x_max / 10 lies a little below the data.)
 
 Curves of a results table (:mod:`lit.scaling.sweep`): ``N`` (loss vs samples, the runs built
 for the data axis plus the baseline), ``V`` and ``H`` (vs embedding parameters), ``M`` and ``O``
@@ -95,11 +96,12 @@ class PowerLawFit:
         return self.interval(self.boot[:, 0])
 
     def drop(self) -> float:
-        lo, hi = self.predict([self.x.min(), self.x.max()])
+        """Relative loss drop over the last decade of x: ``(L(x_max / 10) - L(x_max)) / L(x_max / 10)``."""
+        lo, hi = self.predict([self.x.max() / 10.0, self.x.max()])
         return float((lo - hi) / lo)
 
     def drop_ci(self) -> tuple[float, float]:
-        pred = self.predict_boot([self.x.min(), self.x.max()])
+        pred = self.predict_boot([self.x.max() / 10.0, self.x.max()])
         return self.interval((pred[:, 0] - pred[:, 1]) / pred[:, 0])
 
     def out_of_steam(self, flat_tol: float) -> bool:
@@ -275,7 +277,7 @@ def markdown(rows: list[dict], confidence: float, flat_tol: float, notes: list[s
              from_one_run: bool) -> str:
     pct = f"{100 * confidence:g}%"
     lines = [f"| metric | curve | x | points | beta [{pct} CI] | gamma [{pct} CI] | alpha | "
-             f"drop over range [{pct} CI] | out of steam |", "|---|---|---|---|---|---|---|---|---|"]
+             f"drop over last 10x [{pct} CI] | out of steam |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['metric']} | {r['curve']} | {r['x']} {r['x_min']:.3g}-{r['x_max']:.3g} | "
@@ -284,7 +286,7 @@ def markdown(rows: list[dict], confidence: float, flat_tol: float, notes: list[s
             f"{100 * r['drop']:.2f}% [{100 * r['drop_lo']:.2f}, {100 * r['drop_hi']:.2f}] | "
             f"{'yes' if r['out_of_steam'] else 'no'} |")
     lines += ["", f"L(x) = alpha * x^-beta + gamma; residual bootstrap {pct} intervals; out of steam "
-              f"= the lower bound of the relative loss drop over the measured range < "
+              f"= the lower bound of the relative loss drop over the last 10x of x < "
               f"{100 * flat_tol:g}%."]
     if from_one_run:
         lines.append("Data-scaling points were taken from EvalAtSamples inside one run "
