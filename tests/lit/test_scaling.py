@@ -307,3 +307,22 @@ def test_sweep_end_to_end_records_failures_resumes_and_survives_ctrl_c(tmp_path)
     rows = read_results(out / "results.csv")
     assert len(rows) == 5 and all(r["status"] in ("ok", "failed") for r in rows)
     assert math.isfinite(float(rows[0]["test_ne"]))
+
+
+def test_points_from_one_run_become_rows_and_the_report_says_so(tmp_path):
+    from lit.scaling.fit import markdown
+    from lit.scaling.sweep import rows_from_summary
+
+    config = _sweep_config(tmp_path)
+    spec = build_grid(config, points_from_one_run=True)[-1]
+    summary = {"embedding_parameters": 100, "dense_parameters": 10, "forward_flops_per_sample": 7,
+               "samples_seen": 1024, "train_logloss": 0.5, "train_ne": 0.9, "test_ne": 0.8,
+               "eval_at": [{"samples": 256.0, "logloss": 0.6, "ne": 0.95, "auroc": 0.6,
+                            "train_logloss": 0.65, "train_ne": 1.0},
+                           {"samples": 1024.0, "logloss": 0.5, "ne": 0.85, "auroc": 0.7,
+                            "train_logloss": 0.5, "train_ne": 0.9}]}
+    rows = rows_from_summary(spec, summary, Path("c.yaml"), 3.0)
+    assert [(r["N"], r["source"], r["test_ne"], r["train_ne"], r["train_flops"]) for r in rows] == \
+        [(256, "eval_at", 0.95, 1.0, 3 * 7 * 256), (1024, "eval_at", 0.85, 0.9, 3 * 7 * 1024)]
+    assert all(r["role"] == "N" and r["run_id"].endswith("-points") for r in rows)
+    assert "--points-from-one-run" in markdown([], 0.95, 0.005, [], from_one_run=True)
