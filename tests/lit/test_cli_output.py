@@ -74,3 +74,22 @@ def test_help_for_a_model_lists_its_arguments():
     proc = run_lit(["fit", "--model", "models.ImageClassifier", "--help"])
     assert proc.returncode == 0, proc.stderr
     assert "--model.keep_rate" in proc.stdout and "--trainer.max_epochs" not in proc.stdout
+
+
+def test_dlrm_run_prints_no_third_party_noise(tmp_path):
+    proc = run_lit(cli_args("fit", f"--config={CONFIGS / 'dlrm' / 'movielens.yaml'}",
+                            "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                            "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
+                            "--trainer.log_every_n_steps=1", tmp_path=tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for noise in ("otherwise, the job will fail", "sync_dist=True", "HeuristicalStorageReservation",
+                  "deprecating ShardedTensor", "litlogger", "is_fx_tracing", "Total FLOPs: 0"):
+        assert noise not in out, noise
+    assert "Total FLOPs" in out  # the summary is still there, with a count
+    log_dir = tmp_path / "runs" / "dlrm_movielens" / "version_0"
+    sessions = _hparams_sessions(log_dir)
+    assert len(sessions) == 1 and sessions[0]["embedding_parameters"] > 0
+    tags = {value.tag for events in log_dir.glob("events.out.tfevents.*")
+            for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
+    assert "train/samples_per_s" in tags
