@@ -52,6 +52,7 @@ def run_config(args: argparse.Namespace, model: str, keep_rate: float, resolutio
         "trainer": {
             "max_epochs": args.max_epochs or 10_000, "accelerator": "gpu" if gpu else "cpu", "devices": 1,
             "precision": "bf16-mixed" if gpu else "32-true", "logger": False, "enable_checkpointing": False,
+            "default_root_dir": str(points_file.parent),  # the CLI's resolved config lands here
             "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
             "num_sanity_val_steps": 0, "limit_test_batches": test_batches,
             "callbacks": [{"class_path": "callbacks.BudgetEvaluator", "init_args": {
