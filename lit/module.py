@@ -94,6 +94,7 @@ class LitModule(LightningModule):
         combines it with the embedding tables' fused optimizer)."""
         return self.optimizer(self.optimizer_groups())
 
+    @override
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
         if self.lr_scheduler is None:

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from torch.nn.modules.module import _IncompatibleKeys
+from typing_extensions import override
 
 from datamodules.ctr.batch import CTRSchema, make_batch
 from lit.module import LitModule
@@ -141,6 +142,7 @@ class DLRMModule(LitModule):
         self.schema = schema
         return schema
 
+    @override
     def configure_model(self) -> None:
         """Build the DLRM and wrap it in DMP on this process's device (once)."""
         if self.model is not None:
@@ -167,6 +169,7 @@ class DLRMModule(LitModule):
             "forward_flops_per_sample": self.shape.forward_flops(),
         }
 
+    @override
     def forward(self, batch) -> torch.Tensor:  # -> (B,) logits
         if self.model is None:
             self.configure_model()
@@ -177,6 +180,7 @@ class DLRMModule(LitModule):
 
     # --- optimization ----------------------------------------------------------------------------
 
+    @override
     def optimizer_groups(self) -> list[dict]:
         """The dense parameters, no weight decay on biases (the tables update in backward)."""
         decay, no_decay = [], []
@@ -184,15 +188,18 @@ class DLRMModule(LitModule):
             (decay if param.ndim > 1 else no_decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    @override
     def build_optimizer(self):
         """The dense optimizer combined with the tables' fused one (torchrec's CombinedOptimizer);
         the scheduler wiring is the base class's."""
         return make_fused_dense_optimizer(self.model, self.optimizer(self.optimizer_groups()))
 
+    @override
     def extra_hparams(self) -> dict[str, int]:
         """Embedding and dense parameter counts and forward FLOPs per sample (the paper's axes)."""
         return dict(self.size_report)
 
+    @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         logits = self(batch)
@@ -216,6 +223,7 @@ class DLRMModule(LitModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=size)
         return loss
 
+    @override
     def on_train_epoch_end(self) -> None:
         # Mean progressive loss over every sample of the epoch (each scored before its update).
         total, count = self._progressive.tolist()
@@ -225,16 +233,20 @@ class DLRMModule(LitModule):
 
     # --- evaluation ------------------------------------------------------------------------------
 
+    @override
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_metrics.update(self(batch), batch.labels)
 
+    @override
     def test_step(self, batch, batch_idx: int) -> None:
         self.test_metrics.update(self(batch), batch.labels)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
         self._step_clock = None  # the next step's interval would include validation
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
 
@@ -245,11 +257,13 @@ class DLRMModule(LitModule):
             self.log(f"{stage}/{name}", value, prog_bar=name in ("logloss", "auroc"), sync_dist=True)
         self.log(f"{stage}/samples_seen", float(self.samples_seen), sync_dist=True)
 
+    @override
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch))
 
     # --- checkpoints -----------------------------------------------------------------------------
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the tables as plain tensors (loadable with ``weights_only=True``) and the schema."""
         super().on_save_checkpoint(checkpoint)
@@ -261,6 +275,7 @@ class DLRMModule(LitModule):
                                         "sparse_names": list(self.schema.sparse_names),
                                         "cardinalities": list(self.schema.cardinalities)}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the model (from the saved schema if needed) before its state is loaded."""
         if self.schema is None and "ctr_schema" in checkpoint:
@@ -272,12 +287,14 @@ class DLRMModule(LitModule):
         if "progressive_loss" in checkpoint:
             self._progressive = checkpoint["progressive_loss"].double()
 
+    @override
     def state_dict(self, *args, **kwargs) -> dict:
         """DMP's own state dict under ``model.`` (nesting DMP in a parent module garbles its keys)."""
         if self.model is None:
             return {}
         return {f"model.{k}": v for k, v in self.model.state_dict().items()}
 
+    @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Copy plain (or sharded) tensors into the DMP model's parameters, in place."""
         if self.model is None:
