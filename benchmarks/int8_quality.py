@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,21 +34,11 @@ import torch  # noqa: E402
 
 from callbacks.nm_pruning import NMPruning  # noqa: E402
 from datamodules.text_classification import TextClassification  # noqa: E402
-from lit.schedulers import WarmupDecay  # noqa: E402
 from models.bert_classifier import BertClassifier  # noqa: E402
 from models.nm_sparsity import is_nm_sparse, select_linears  # noqa: E402
 
-INCLUDE = [r"encoder\.layer\.\d+\."]
-
-
-def make_model(args, init_from: str | None, lr: float, warmup: float) -> BertClassifier:
-    return BertClassifier(
-        init_from=init_from,
-        freeze_embeddings=args.freeze_embeddings,
-        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
-        lr_scheduler=partial(WarmupDecay, warmup_fraction=warmup, decay="linear"),
-    )
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bert_nm_quality import INCLUDE, make_model  # noqa: E402  (the same fine-tuning recipe)
 
 def fit(model: BertClassifier, dm: TextClassification, root: Path, steps: int, callbacks: list) -> None:
     trainer = L.Trainer(

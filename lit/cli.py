@@ -164,10 +164,10 @@ class LitCLI(LightningCLI):
         if ckpt_path is not None and ckpt_path not in SPECIAL_CKPT_PATHS \
                 and subcommand == "fit" and self._get(self.config, "resume_same_version", True):
             self._log_into_version_of(ckpt_path)
-        # RunHparams logs one readable hparams entry; Lightning's own would be a second one.
-        for obj in (self.model, self.datamodule):
-            if obj is not None:
-                obj._log_hyperparams = False
+        if subcommand == "fit":  # RunHparams logs one readable entry; Lightning's would be a second
+            for obj in (self.model, self.datamodule):
+                if obj is not None:
+                    obj._log_hyperparams = False
         try:
             super()._run_subcommand(subcommand)
         except StopRequested as stop:
@@ -346,7 +346,11 @@ def quiet_third_party() -> None:
     for name in ("torchrec.distributed.planner", "torch.fx._symbolic_trace"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+        handler.addFilter(_no_tips)  # a set: adding it again is a no-op
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
 
 
 def main(args: list[str] | None = None) -> LitCLI:

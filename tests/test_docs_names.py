@@ -44,4 +44,4 @@ def test_docs_cite_names():
 def test_cited_name_imports(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # deprecated aliases are still names
-        resolve(name)
+        assert resolve(name) is not None
