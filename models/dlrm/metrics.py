@@ -55,16 +55,23 @@ class CTRMetrics(Metric):
         self.auroc.update(torch.sigmoid(logits), labels.long())
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """Every value a 0-dim float32 tensor on the states' device (so that a distributed
+        backend that only handles its own device, such as NCCL, can reduce what is logged)."""
         count = self.count.clamp_min(1.0)
         log_loss = self.loss_sum / count
-        base_rate = float(self.label_sum / count)
+        base_rate = self.label_sum / count
         mean_pred = self.pred_sum / count
+        entropy = -(base_rate * torch.log(base_rate) + (1.0 - base_rate) * torch.log1p(-base_rate))
+        # All labels alike: entropy 0 (log of 0 gives nan above), NE infinite.
+        degenerate = (base_rate <= 0.0) | (base_rate >= 1.0)
+        ne = torch.where(degenerate, torch.full_like(log_loss, math.inf),
+                         log_loss / torch.where(degenerate, torch.ones_like(entropy), entropy))
         return {
             "logloss": log_loss.float(),
-            "ne": torch.tensor(normalized_entropy(float(log_loss), base_rate)),
-            "auroc": self.auroc.compute().float(),
-            "calibration": (mean_pred / max(base_rate, 1e-12)).float(),
-            "base_rate": torch.tensor(base_rate),
+            "ne": ne.float(),
+            "auroc": self.auroc.compute().float().to(log_loss.device),
+            "calibration": (mean_pred / base_rate.clamp_min(1e-12)).float(),
+            "base_rate": base_rate.float(),
         }
 
     def reset(self) -> None:

@@ -67,6 +67,10 @@ class DLRMModule(LitModule):
             sees every param group, so it scales the embedding lr too.
     """
 
+    #: The strategy the CLI substitutes for ``--trainer.strategy ddp``: DMP must not be wrapped
+    #: in a second DDP (see :mod:`models.dlrm.strategy`).
+    ddp_strategy = "torchrec_ddp"
+
     def __init__(
         self,
         embedding_dim: int = 64,
@@ -120,6 +124,7 @@ class DLRMModule(LitModule):
         self._progressive = torch.zeros(2, dtype=torch.float64)
         self.size_report: dict[str, int] = {}
         self._step_clock: float | None = None
+        self._clock_samples = 0
 
     # --- network -------------------------------------------------------------------------------
 
@@ -147,9 +152,16 @@ class DLRMModule(LitModule):
         """Build the DLRM and wrap it in DMP on this process's device (once)."""
         if self.model is not None:
             return
+        self.build(self._trainer.strategy.root_device if self._trainer else torch.device("cpu"))
+
+    def build(self, device: torch.device | str) -> None:
+        """Build the DLRM and wrap it in DMP on ``device`` (what ``configure_model`` does with
+        the Trainer's device; call it directly to use the module without a Trainer)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         schema = self._resolve_schema()
         self.shape = self._shape(schema)
-        device = self._trainer.strategy.root_device if self._trainer else torch.device("cpu")
         hp = self.hparams
         self.model = shard_with_fused_optimizer(
             build_dlrm(self.shape, schema.sparse_names), device, hp.embedding_optimizer,
@@ -200,6 +212,14 @@ class DLRMModule(LitModule):
         return dict(self.size_report)
 
     @override
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Batches with their own ``to`` (the CTR batches) copy without blocking the host: the
+        loaders pin their memory on a GPU machine, so the copy overlaps the previous step."""
+        if hasattr(batch, "sparse_features") and hasattr(batch, "to"):
+            return batch.to(device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         logits = self(batch)
@@ -209,25 +229,49 @@ class DLRMModule(LitModule):
         self.manual_backward(loss)
         optimizer.step()
         self.step_schedulers("step")
-        size = batch.labels.numel()
+        size = batch.labels.shape[0]  # from the shape: no host sync
         self.samples_seen += size * self.trainer.world_size
-        # Throughput over the wall time since the previous step (data loading included).
-        now = time.perf_counter()
-        if self._step_clock is not None:
-            self.log("train/samples_per_s", size * self.trainer.world_size / (now - self._step_clock),
-                     on_step=True, on_epoch=False)
-        self._step_clock = now
-        loss = loss.detach().double()
-        self._progressive = self._progressive.to(loss.device) + torch.stack(
-            [loss * size, loss.new_tensor(float(size))])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=size)
-        return loss
+        detached = loss.detach()
+        # Accumulated on the device: no host sync and no host-to-device copy per step.
+        if self._loss_sum.device != detached.device:
+            self._loss_sum = self._loss_sum.to(detached.device)
+        self._loss_sum += detached.double() * size
+        self._loss_count += size
+        if self._should_log():
+            # Throughput since the previous logged step (data loading included), and the loss:
+            # logged only on the steps the logger writes, so the other steps pay nothing.
+            now = time.perf_counter()
+            if self._step_clock is not None:
+                rate = (self.samples_seen - self._clock_samples) / max(now - self._step_clock, 1e-9)
+                self.log("train/samples_per_s", rate, on_step=True, on_epoch=False)
+            self._step_clock, self._clock_samples = now, self.samples_seen
+            self.log("train/loss", detached, on_step=True, on_epoch=False, batch_size=size)
+        return detached
+
+    def _should_log(self) -> bool:
+        """Whether the logger writes this step's values (Lightning's ``log_every_n_steps``)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    @property
+    def _progressive(self) -> torch.Tensor:
+        """(sum of loss x samples, samples) of the epoch so far, float64 on the host (one sync)."""
+        return torch.stack([self._loss_sum.detach().cpu(),
+                            torch.tensor(float(self._loss_count), dtype=torch.float64)])
+
+    @_progressive.setter
+    def _progressive(self, value: torch.Tensor) -> None:
+        total, count = value.double().cpu().tolist()
+        device = self._loss_sum.device if hasattr(self, "_loss_sum") else torch.device("cpu")
+        self._loss_sum = torch.tensor(total, dtype=torch.float64, device=device)
+        self._loss_count = int(count)
 
     @override
     def on_train_epoch_end(self) -> None:
-        # Mean progressive loss over every sample of the epoch (each scored before its update).
-        total, count = self._progressive.tolist()
-        self.log("train/progressive_loss", total / max(count, 1.0), sync_dist=True)
+        # Mean progressive loss over every sample of the epoch (each scored before its update),
+        # logged as a tensor on the module's device (NCCL reduces only device tensors).
+        mean = self._loss_sum / max(self._loss_count, 1)
+        self.log("train/progressive_loss", mean.float().to(self.device), sync_dist=True)
         self._progressive = torch.zeros(2, dtype=torch.float64)
         self.step_schedulers("epoch")
 
@@ -254,8 +298,10 @@ class DLRMModule(LitModule):
         values = metrics.compute()  # already reduced across ranks by torchmetrics
         metrics.reset()
         for name, value in values.items():  # sync_dist: identical on every rank already
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("logloss", "auroc"), sync_dist=True)
-        self.log(f"{stage}/samples_seen", float(self.samples_seen), sync_dist=True)
+            self.log(f"{stage}/{name}", value.to(self.device), prog_bar=name in ("logloss", "auroc"),
+                     sync_dist=True)
+        self.log(f"{stage}/samples_seen",
+                 torch.tensor(float(self.samples_seen), device=self.device), sync_dist=True)
 
     @override
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -267,7 +313,8 @@ class DLRMModule(LitModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the tables as plain tensors (loadable with ``weights_only=True``) and the schema."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
+        if not getattr(getattr(self._trainer, "strategy", None), "saves_sharded", False):  # DCP: shards
+            checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
         checkpoint["samples_seen"] = self.samples_seen
         checkpoint["progressive_loss"] = self._progressive.cpu()
         if self.schema is not None:

@@ -95,8 +95,13 @@ def shard_with_fused_optimizer(
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     # At world size 1 DDP around the dense part only costs time (its first ten iterations are
     # instrumented and slow), so DMP's data-parallel wrapper is used from two processes up.
-    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders,
-                                    init_data_parallel=world > 1)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders,
+                                   init_data_parallel=world > 1)
+    if world == 1:
+        # Without the data-parallel wrapper DMP leaves the dense layers where they were built
+        # (the host); torchrec's own wrapper moves them with ``.to(device)``, so do the same.
+        dmp.module.to(device)
+    return dmp
 
 
 def dense_named_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:
