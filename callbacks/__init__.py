@@ -14,6 +14,7 @@ _LAZY = {
     "SimulatedGPU": "callbacks.simulated_gpu",
     "Int8Eval": "callbacks.int8_eval",
     "OutlierFeatures": "callbacks.outlier_features",
+    "Sparse24Eval": "callbacks.sparse24_eval",
     # Added by `python -m lit fit` itself; listed so that they resolve like every callback.
     "SignalCheckpoint": "callbacks.signal_checkpoint",
     "RunHparams": "callbacks.run_hparams",
