@@ -12,7 +12,7 @@ that epoch the callback runs the test batches through :class:`models.sparse_infe
 
 1. with the dense weights: ``test_dense/acc``, ``test_dense/loss``, ``test_dense/tokens_per_s``;
 2. after :func:`models.sparse_inference.prepare_sparse24`: a timing table of every selected layer,
-   dense vs 2:4 at the largest bucket's token count, 2:4 kept only where faster (the others fall
+   dense vs 2:4 at ``timing_tokens`` rows, 2:4 kept only where faster (the others fall
    back to dense and are named in the log): ``test_24/acc``, ``test_24/loss``,
    ``test_24/tokens_per_s``, ``test_24/speedup`` (over graphed dense), ``test_24/dense_fallbacks``;
 
@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from models.int8 import DEFAULT_INCLUDE
 from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner,
-                                     Sparse24Plan, check_buckets, prepare_sparse24, restore_weights,
+                                     Sparse24Plan, check_buckets, hf_forward, prepare_sparse24, restore_weights,
                                      timed_forward)
 
 
@@ -45,6 +45,7 @@ class Sparse24Eval(Callback):
         include: regexes (``re.search``) over module names selecting the layers to export.
         exclude: regexes removing layers from the selection.
         seq_buckets, batch_buckets: static shapes of the graphs (inputs are padded up to them).
+        timing_tokens: input rows (batch x seq) at which each layer is timed dense vs 2:4.
         min_speedup: a layer keeps 2:4 only when its measured dense/2:4 time ratio beats this.
         fallback: ``False`` exports every selected layer without timing them.
         alg_search: let cuSPARSELt search its algorithm per GEMM shape for the timing table.
@@ -58,6 +59,7 @@ class Sparse24Eval(Callback):
         exclude: list[str] = [],  # noqa: B006
         seq_buckets: list[int] = list(DEFAULT_SEQ_BUCKETS),  # noqa: B006
         batch_buckets: list[int] = list(DEFAULT_BATCH_BUCKETS),  # noqa: B006
+        timing_tokens: int = 4096,
         min_speedup: float = 1.0,
         fallback: bool = True,
         alg_search: bool = False,
@@ -66,6 +68,8 @@ class Sparse24Eval(Callback):
     ) -> None:
         if not include:
             raise ValueError("include: need at least one regex selecting layers, e.g. 'encoder\\.layer'")
+        if timing_tokens < 1:
+            raise ValueError(f"timing_tokens: must be >= 1, got {timing_tokens!r}")
         if not min_speedup > 0:
             raise ValueError(f"min_speedup: must be > 0, got {min_speedup!r}")
         if not prefix or prefix in ("test", "test_dense"):
@@ -73,6 +77,7 @@ class Sparse24Eval(Callback):
         self.include, self.exclude = list(include), list(exclude)
         self.seq_buckets = check_buckets(seq_buckets, "seq_buckets")
         self.batch_buckets = check_buckets(batch_buckets, "batch_buckets")
+        self.timing_tokens = timing_tokens
         self.min_speedup, self.fallback, self.alg_search = min_speedup, fallback, alg_search
         self.cuda_graphs, self.prefix = cuda_graphs, prefix
         self.plan: Sparse24Plan | None = None  # of the last run
@@ -89,12 +94,10 @@ class Sparse24Eval(Callback):
     def _runner(self, pl_module: LightningModule) -> BucketedRunner:
         net = pl_module.net
         pad = getattr(net.config, "pad_token_id", 0) or 0
-        return BucketedRunner(lambda ids, mask: net(input_ids=ids, attention_mask=mask).logits,
-                              self.seq_buckets, self.batch_buckets, pad, self.cuda_graphs)
+        return BucketedRunner(hf_forward(net), self.seq_buckets, self.batch_buckets, pad, self.cuda_graphs)
 
     def _prepare(self, pl_module: LightningModule) -> Sparse24Plan:
-        tokens = self.seq_buckets[-1] * self.batch_buckets[-1]
-        self.plan = prepare_sparse24(pl_module, self.include, self.exclude, tokens=tokens,
+        self.plan = prepare_sparse24(pl_module, self.include, self.exclude, tokens=self.timing_tokens,
                                      min_speedup=self.min_speedup, alg_search=self.alg_search,
                                      fallback=self.fallback)
         rank_zero_info(f"[2:4] {self.plan.choice}")

@@ -142,11 +142,16 @@ class BertClassifier(ClassifierModule):
             load_network_weights(self.net, init_from)
         if freeze_embeddings:
             self.net.bert.embeddings.requires_grad_(False)
+        # Set by callbacks.Sparse24Eval for predict: a models.sparse_inference.BucketedRunner that
+        # runs the network from CUDA graphs (2:4 weights); used only in eval mode.
+        self.inference_runner = None
         ids = torch.zeros(1, min(EXAMPLE_TOKENS, self.net.config.max_position_embeddings), dtype=torch.long)
         self.example_input_array = (ids, torch.ones_like(ids))
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.inference_runner is not None and not self.training:
+            return self.inference_runner(input_ids, attention_mask)
         return self.net(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, classes)
 
     @override

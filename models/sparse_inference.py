@@ -37,7 +37,7 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 __all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "bucket_for", "pad_to_bucket",
            "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms", "linear_timing_table",
-           "Sparse24Plan", "prepare_sparse24", "restore_weights", "BucketedRunner", "timed_forward"]
+           "Sparse24Plan", "prepare_sparse24", "restore_weights", "additive_mask", "hf_forward", "BucketedRunner", "timed_forward"]
 
 
 def check_buckets(values: Iterable[int], field_name: str) -> tuple[int, ...]:
@@ -253,6 +253,27 @@ def restore_weights(module: nn.Module, plan: Sparse24Plan) -> None:
     """Undo :func:`prepare_sparse24`: the exported layers get their dense weights back."""
     for name, weight in plan.original.items():
         module.get_submodule(name).weight = weight
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, T)`` 0/1 mask -> ``(B, 1, 1, T)`` additive attention bias: 0 where 1, dtype's min where 0.
+
+    transformers uses a 4-D mask as given, so the model does no data-dependent check of the mask
+    (such as "is nothing padded?", a host synchronisation that a CUDA graph cannot capture).
+    """
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+def hf_forward(net: nn.Module, output: str = "logits") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn(input_ids, attention_mask)`` -> ``net(...).<output>`` of a transformers encoder, with
+    the mask passed as :func:`additive_mask` in the dtype of ``net``'s embeddings."""
+    dtype = net.get_input_embeddings().weight.dtype
+
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return getattr(net(input_ids=input_ids, attention_mask=additive_mask(attention_mask, dtype)), output)
+
+    return fn
 
 
 class BucketedRunner:

@@ -1,0 +1,291 @@
+"""Bucketed 2:4 inference: padding is exact against the unpadded model, the per-layer fallback
+choice on a scripted timing table, the CLI overlay; on a GPU, graphed vs eager 2:4 logits and
+the exported model's accuracy vs the masked dense model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from models.nm_sparsity import nm_mask, select_linears
+from models.sparse_inference import (BucketedRunner, LayerTiming, additive_mask, bucket_for,
+                                     check_buckets, choose_sparse_layers, hf_forward, pad_to_bucket,
+                                     prepare_sparse24, restore_weights)
+
+ROOT = Path(__file__).resolve().parents[2]
+ENCODER = [r"encoder\.layer\.\d+\."]
+
+
+def tiny_bert(**overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64, vocab_size=100, num_labels=3)
+    config.update(overrides)
+    return BertForSequenceClassification(BertConfig(**config)).eval()
+
+
+def test_buckets_hand_worked():
+    assert check_buckets([64, 32, 32, 128], "seq_buckets") == (32, 64, 128)
+    assert [bucket_for(n, (32, 64, 128)) for n in (1, 32, 33, 128)] == [32, 32, 64, 128]
+    with pytest.raises(ValueError, match="seq_buckets: 129 is larger than the largest bucket 128"):
+        bucket_for(129, (32, 64, 128), "seq_buckets")
+    with pytest.raises(ValueError, match="batch_buckets"):
+        check_buckets([0, 4], "batch_buckets")
+    with pytest.raises(ValueError, match="batch_buckets"):
+        check_buckets([], "batch_buckets")
+
+
+def test_pad_to_bucket_hand_worked():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    padded_ids, padded_mask = pad_to_bucket(ids, mask, batch=3, seq=4, pad_token_id=0)
+    assert padded_ids.tolist() == [[5, 6, 7, 0], [8, 9, 0, 0], [0, 0, 0, 0]]
+    # Real rows keep their mask, padded columns are masked; the padded row attends to one token.
+    assert padded_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    assert pad_to_bucket(ids, None, 2, 3)[1].tolist() == [[1, 1, 1], [1, 1, 1]]
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_to_bucket(ids, mask, batch=1, seq=4)
+
+
+def test_bucketed_runner_predictions_equal_the_unpadded_model():
+    net = tiny_bert()
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 9, 1, 12]
+    ids = torch.randint(1, 100, (len(lengths), max(lengths)), generator=gen)
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    with torch.no_grad():
+        # Reference: every sequence alone, at its own length, no padding and no mask at all.
+        reference = torch.cat([net(input_ids=ids[i:i + 1, :n]).logits for i, n in enumerate(lengths)])
+    calls = []
+    forward = hf_forward(net)
+
+    def fn(i, m):
+        calls.append(tuple(i.shape))
+        return forward(i, m)
+
+    # Batch 5 > largest batch bucket 4: split into 4 + 1 rows, padded to (4, 32) and (1, 32).
+    runner = BucketedRunner(fn, seq_buckets=[8, 32], batch_buckets=[1, 4])
+    out = runner(ids, mask)
+    assert calls == [(4, 32), (1, 32)]
+    assert out.shape == (5, 3)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.argmax(-1), reference.argmax(-1))
+    # Short batch: the (2, 8) bucket; no mask given means every token is real.
+    short = ids[:2, :4].clone().clamp(min=1)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(short), net(input_ids=short).logits, atol=1e-5, rtol=1e-5)
+    assert calls[-1] == (4, 8)
+    with pytest.raises(ValueError, match="seq_buckets: 40 is larger"):
+        runner(torch.ones(1, 40, dtype=torch.long))
+
+
+def test_additive_mask_hand_worked():
+    bias = additive_mask(torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.bfloat16)
+    low = torch.finfo(torch.bfloat16).min
+    assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.bfloat16
+    assert bias.flatten(1).float().tolist() == [[0.0, 0.0, low], [0.0, low, low]]
+
+
+def test_fallback_choice_on_a_scripted_timing_table():
+    table = {
+        "l0.qkv": LayerTiming(dense_ms=0.190, sparse_ms=0.150),   # 1.27x: 2:4
+        "l0.out": (0.027, 0.026),                                  # 1.04x: 2:4 at 1.0, dense at 1.05
+        "l0.ffn_in": (0.050, 0.050),                               # equal: dense (not faster)
+        "l0.ffn_out": (0.031, 0.495),                              # eager-like 2:4: dense
+        "l1.bad": (0.030, float("nan")),                           # failed timing: dense
+    }
+    choice = choose_sparse_layers(table)
+    assert choice.sparse == ["l0.qkv", "l0.out"]
+    assert choice.dense == ["l0.ffn_in", "l0.ffn_out", "l1.bad"]
+    assert choice.speedups["l0.qkv"] == pytest.approx(0.190 / 0.150)
+    assert choice.speedups["l1.bad"] == 0.0
+    strict = choose_sparse_layers(table, min_speedup=1.05)
+    assert strict.sparse == ["l0.qkv"]
+    assert "l0.out (1.04x)" in str(strict)
+    with pytest.raises(ValueError, match="min_speedup"):
+        choose_sparse_layers(table, min_speedup=0)
+
+
+def test_prepare_without_a_gpu_names_the_reason():
+    net = tiny_bert()
+    with pytest.raises(ValueError, match="include: no nn.Linear"):
+        prepare_sparse24(net, ["nothing_matches"], fallback=False)
+    with pytest.raises(ValueError, match="cannot be exported to 2:4"):
+        prepare_sparse24(net, ENCODER, fallback=False)  # fp32, dense, CPU
+
+
+def test_callback_rejects_bad_arguments():
+    from callbacks import Sparse24Eval
+
+    with pytest.raises(ValueError, match="min_speedup"):
+        Sparse24Eval(min_speedup=-1.0)
+    with pytest.raises(ValueError, match="seq_buckets"):
+        Sparse24Eval(seq_buckets=[])
+    with pytest.raises(ValueError, match="prefix"):
+        Sparse24Eval(prefix="test")
+    with pytest.raises(ValueError, match="timing_tokens"):
+        Sparse24Eval(timing_tokens=0)
+
+
+def test_cli_accepts_the_sparse24_overlay(capsys):
+    from lit.cli import main
+
+    base = ROOT / "configs/bert/minilm_2to4_oneshot.yaml"
+    overlay = ROOT / "configs/bert/sparse24_inference.yaml"
+    assert "bert/minilm_2to4_oneshot.yaml" in overlay.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(base), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    callback = printed["trainer"]["callbacks"][0]
+    assert callback["class_path"] == "callbacks.Sparse24Eval"
+    assert callback["init_args"]["timing_tokens"] == 4096
+    assert printed["trainer"]["precision"] == "bf16-true"
+
+
+# ---------------------------------------------------------------- GPU (run with -m gpu)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (2:4 kernels)")
+
+
+def pruned_bert_cuda(hidden=256, layers=2, heads=4, labels=2):
+    net = tiny_bert(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=4 * hidden, max_position_embeddings=512, vocab_size=1000,
+                    num_labels=labels).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for layer in select_linears(net, ENCODER).values():
+            layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+    return net
+
+
+def ragged_batch(batch=24, seq=100, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, seq + 1, (batch,), generator=gen)
+    mask = (torch.arange(seq) < lengths[:, None]).long()
+    ids = torch.randint(1, 1000, (batch, seq), generator=gen) * mask
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_24_logits_equal_eager_24_logits():
+    net = pruned_bert_cuda()
+    plan = prepare_sparse24(net, ENCODER, fallback=False)
+    assert plan.choice.sparse and not plan.choice.dense
+    ids, mask = ragged_batch()
+
+    fn = hf_forward(net)
+    eager = BucketedRunner(fn, [128], [32], cuda_graphs=False)
+    graphed = BucketedRunner(fn, [128], [32], cuda_graphs=True)
+    expected = eager(ids, mask)
+    for _ in range(2):  # the first call captures, the second replays with new inputs copied in
+        out = graphed(ids, mask)
+        assert graphed.captured == [(32, 128)]
+        # Same kernels, same inputs: equal up to bf16 rounding of a different launch order.
+        torch.testing.assert_close(out, expected, atol=1e-3, rtol=1.6e-2)
+        ids, mask = ids.flip(0), mask.flip(0)
+        expected = eager(ids, mask)
+    restore_weights(net, plan)
+    assert all(type(m.weight) is torch.nn.Parameter and m.weight.layout == torch.strided
+               and not hasattr(m.weight, "packed") for m in select_linears(net, ENCODER).values())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_exported_accuracy_equals_masked_dense_within_bf16_noise():
+    net = pruned_bert_cuda(labels=4)
+    batches = [ragged_batch(seed=s) for s in range(8)]
+    with torch.no_grad():
+        dense = torch.cat([net(input_ids=i, attention_mask=m).logits.float() for i, m in batches])
+    # Labels: the float64 argmax of the masked dense model (an independent reference for accuracy).
+    labels = dense.argmax(-1)
+    prepare_sparse24(net, ENCODER, fallback=False)
+    runner = BucketedRunner(hf_forward(net), [128], [32])
+    sparse = torch.cat([runner(i, m).float() for i, m in batches])
+    assert (sparse - dense).abs().max() < 0.05 * dense.abs().max() + 0.05
+    # Predictions may flip only where the dense top-2 margin is within bf16 noise.
+    top2 = dense.topk(2, dim=-1).values
+    close = (top2[:, 0] - top2[:, 1]) < 0.05
+    flipped = sparse.argmax(-1) != labels
+    assert not (flipped & ~close).any()
+    acc_dense, acc_sparse = 1.0, float((sparse.argmax(-1) == labels).float().mean())
+    assert acc_sparse >= acc_dense - float(close.float().mean())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_timing_table_and_fallback_on_the_gpu():
+    net = pruned_bert_cuda()
+    plan = prepare_sparse24(net, ENCODER, tokens=1024, min_speedup=1.0)
+    layers = select_linears(net, ENCODER)
+    assert set(plan.table) == set(layers)
+    assert sorted(plan.choice.sparse + plan.choice.dense) == sorted(layers)
+    for name in plan.choice.sparse:
+        assert plan.table[name].sparse_ms < plan.table[name].dense_ms
+        assert hasattr(layers[name].weight, "packed")
+    for name in plan.choice.dense:
+        assert not hasattr(layers[name].weight, "packed")
+
+
+def test_bert_classifier_eval_forward_goes_through_its_inference_runner():
+    from models.bert_classifier import BertClassifier
+
+    module = BertClassifier(pretrained=None, num_labels=3, config=dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, vocab_size=100)).eval()
+    ids = torch.randint(1, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        reference = torch.cat([module.net(input_ids=ids[i:i + 1, :n]).logits for i, n in enumerate([10, 6, 10])])
+        calls = []
+        runner = BucketedRunner(hf_forward(module.net), [16], [4])
+        module.inference_runner = lambda i, m: calls.append(i.shape) or runner(i, m)
+        torch.testing.assert_close(module(ids, mask), reference, atol=1e-5, rtol=1e-5)
+        assert calls == [ids.shape]
+        module.train()  # training never uses the runner
+        module(ids, mask)
+        assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sparse24_eval_callback_tests_and_predicts_through_lightning():
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from callbacks import Sparse24Eval
+    from models.bert_classifier import BertClassifier
+
+    module = BertClassifier(pretrained=None, num_labels=2, config=dict(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
+        max_position_embeddings=128, vocab_size=1000))
+    with torch.no_grad():
+        for layer in select_linears(module, ENCODER).values():
+            layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(40):
+        n = int(torch.randint(4, 49, (1,), generator=gen))
+        ids = torch.zeros(48, dtype=torch.long)
+        ids[:n] = torch.randint(1, 1000, (n,), generator=gen)
+        rows.append({"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids[0] % 2})
+    callback = Sparse24Eval(seq_buckets=[64], batch_buckets=[16], timing_tokens=1024, min_speedup=1.0)
+    trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-true", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
+    results = trainer.test(module, dataloaders=DataLoader(rows, batch_size=16))[0]
+    for key in ("test/acc", "test_dense/acc", "test_24/acc", "test_24/tokens_per_s", "test_24/speedup"):
+        assert key in results
+    assert results["test_dense/acc"] == pytest.approx(results["test/acc"], abs=1 / 40 + 1e-6)
+    assert results["test_24/dense_fallbacks"] == len(callback.plan.choice.dense)
+    assert all(not hasattr(m.weight, "packed") for m in select_linears(module, ENCODER).values())
+    predictions = trainer.predict(module, dataloaders=DataLoader(rows, batch_size=16))
+    assert torch.cat(predictions).shape == (40,)
+    assert module.inference_runner is None
+    assert all(not hasattr(m.weight, "packed") for m in select_linears(module, ENCODER).values())
