@@ -51,6 +51,10 @@ class IndexedBatch(Batch):
             indices=self.indices.to(device=device, non_blocking=non_blocking),
         )
 
+    def record_stream(self, stream) -> None:
+        super().record_stream(stream)
+        self.indices.record_stream(stream)
+
     def pin_memory(self) -> "IndexedBatch":
         return IndexedBatch(self.dense_features.pin_memory(), self.sparse_features.pin_memory(),
                             self.labels.pin_memory(), self.indices.pin_memory())
@@ -80,6 +84,20 @@ def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, indice
         labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)),
         indices=torch.from_numpy(np.asarray(indices, dtype=np.int64)),
     )
+
+
+def make_tensor_batch(dense: torch.Tensor, sparse: torch.Tensor, labels: torch.Tensor,
+                      indices: torch.Tensor, names: tuple[str, ...] | list[str]):
+    """:func:`make_batch` from tensors already on their device (e.g. generated on the GPU): the
+    KJT's per-key sizes are known on the host (one id per bag), so nothing syncs."""
+    batch_size, num_features = sparse.shape
+    assert num_features == len(names)
+    lengths = torch.ones(batch_size * num_features, dtype=torch.int32, device=sparse.device)
+    kjt = KeyedJaggedTensor(keys=list(names), values=sparse.t().reshape(-1), lengths=lengths,
+                            stride=batch_size, length_per_key=[batch_size] * num_features,
+                            offset_per_key=[batch_size * f for f in range(num_features + 1)])
+    return IndexedBatch(dense_features=dense.float().contiguous(), sparse_features=kjt,
+                        labels=labels.float(), indices=indices.long())
 
 
 def make_bag_batch(dense: np.ndarray, bags: list[tuple[np.ndarray, np.ndarray]],

@@ -98,11 +98,13 @@ class StreamLoader(ResumableLoader):
         stream: a :class:`BatchStream` or another :class:`ResumableStream`.
         num_workers: DataLoader workers (each reads its own global batches).
         trainer: the Trainer whose fit loop this loader feeds (None outside a Trainer).
+        pin_memory: pin host batches (for non-blocking copies to a GPU).
     """
 
-    def __init__(self, stream: IterableDataset, num_workers: int = 0, trainer=None) -> None:
+    def __init__(self, stream: IterableDataset, num_workers: int = 0, trainer=None,
+                 pin_memory: bool = False) -> None:
         super().__init__(stream, trainer=trainer, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0)
+                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
         stream.epoch = self.next_epoch()
 
     def resume(self, epoch: int, batches: int) -> None:

@@ -1,6 +1,8 @@
 """An unbounded Criteo-shaped click stream with a known achievable loss.
 
-Sample ``i`` is a pure function of ``(seed, i)``: 13 dense features (log-transformed
+Sample ``i`` is a pure function of ``(seed, i)`` (a counter-based hash, not a sequential
+random generator, so any sample range is generated directly, on the CPU or on the training GPU,
+with the same integers on both and floats equal to rounding): 13 dense features (log-transformed
 log-normal counts, as Criteo's after ``log(1 + x)``), 26 categorical ids drawn from a bounded
 Zipf law over Criteo-1TB-like cardinalities, and a click drawn from a hidden teacher (its own
 embeddings + an MLP). The teacher's click probability is known per sample, so the best achievable
@@ -11,12 +13,14 @@ reaches it: the regime of data-scaling studies (Ardalani et al., arXiv 2208.0848
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.ctr.batch import CTRSchema, make_batch
+from datamodules.ctr.batch import CTRSchema, make_tensor_batch
 from datamodules.ctr.stream import BatchStream, StreamLoader
 from datamodules.loader import check_split_size
 
@@ -24,8 +28,8 @@ from datamodules.loader import check_split_size
 CRITEO_1TB_CARDINALITIES = (
     45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10,
     2209, 11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35)
-CHUNK = 1024  # samples are generated in chunks of this many, each seeded by (seed, stream, chunk)
 STREAMS = {"train": 1, "val": 2, "test": 3}
+MASK32 = 0xFFFFFFFF
 
 
 def bounded_zipf(u: np.ndarray, n: int, exponent: float) -> np.ndarray:
@@ -43,27 +47,91 @@ def bounded_zipf(u: np.ndarray, n: int, exponent: float) -> np.ndarray:
     return np.minimum(x.astype(np.int64) - 1, n - 1).clip(0)
 
 
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (Wellons' lowbias32) of int64 values in ``[0, 2**32)``: integer ops
+    only, so it gives the same bits on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniforms(key: int, indices: torch.Tensor, columns: int) -> torch.Tensor:
+    """``(len(indices), columns)`` float64 uniforms in (0, 1), a pure function of (key, index,
+    column): 24 random bits per value, centred in their bin."""
+    low = hash32((indices & MASK32) ^ key)
+    row = hash32(low ^ (indices >> 32))
+    cols = torch.arange(columns, device=indices.device, dtype=torch.int64) * 0x9E3779B9 & MASK32
+    bits = hash32((row[:, None] + cols[None, :]) & MASK32) >> 8
+    return (bits.double() + 0.5) * (1.0 / (1 << 24))
+
+
+def bounded_zipf(u, n: int, exponent: float):
+    """Ids in ``[0, n)`` with P(id = k) roughly proportional to ``(k + 1) ** -exponent``.
+
+    Inverse CDF of the continuous power law on ``[1, n + 1)`` applied to uniforms ``u`` (a
+    numpy array or a float64 tensor; the result is int64 of the same kind).
+    """
+    lib = torch if isinstance(u, torch.Tensor) else np
+    if n <= 1:
+        return lib.zeros_like(u, dtype=lib.int64)
+    if abs(exponent - 1.0) < 1e-9:
+        x = lib.exp(u * math.log(n + 1.0))
+    else:
+        e = 1.0 - exponent
+        x = ((math.pow(n + 1.0, e) - 1.0) * u + 1.0) ** (1.0 / e)
+    if lib is torch:
+        return (x.long() - 1).clamp(0, n - 1)
+    return np.minimum(x.astype(np.int64) - 1, n - 1).clip(0)
+
+
 class Teacher:
-    """The hidden labeller: per-feature embeddings (dim ``dim``), a one-hidden-layer MLP."""
+    """The hidden labeller: per-feature embeddings (dim ``dim``), a one-hidden-layer MLP.
+
+    Its weights are drawn with numpy (the same on every machine) and copied to each device it
+    runs on (:meth:`to`); the network runs in float32 where the samples are generated.
+    """
 
     def __init__(self, seed: int, num_dense: int, cardinalities: tuple[int, ...], dim: int,
                  hidden: int, signal: float, base_rate: float) -> None:
         rng = np.random.default_rng([seed, 0])
-        self.tables = [rng.normal(0.0, 1.0, (c, dim)).astype(np.float32) for c in cardinalities]
+        tables = [rng.normal(0.0, 1.0, (c, dim)).astype(np.float32) for c in cardinalities]
+        # One table of all features' rows; feature f starts at row offsets[f].
+        self.table = torch.from_numpy(np.concatenate(tables))
+        self.offsets = torch.tensor(np.cumsum([0, *cardinalities[:-1]]), dtype=torch.int64)
         width = num_dense + dim * len(cardinalities)
-        self.w1 = rng.normal(0.0, math.sqrt(2.0 / width), (width, hidden)).astype(np.float32)
-        self.b1 = rng.normal(0.0, 0.1, hidden).astype(np.float32)
-        self.w2 = rng.normal(0.0, math.sqrt(1.0 / hidden), hidden).astype(np.float32)
+        self.w1 = torch.from_numpy(rng.normal(0.0, math.sqrt(2.0 / width), (width, hidden)).astype(np.float32))
+        self.b1 = torch.from_numpy(rng.normal(0.0, 0.1, hidden).astype(np.float32))
+        self.w2 = torch.from_numpy(rng.normal(0.0, math.sqrt(1.0 / hidden), hidden).astype(np.float32))
         self.scale, self.shift = 1.0, 0.0
         self.num_dense = num_dense
         # Standardise the logit on a pilot sample so its spread is `signal` and the click rate
         # is near `base_rate`.
         self._signal, self._base_rate = signal, base_rate
+        self._copies: dict[torch.device, "Teacher"] = {}
 
-    def calibrate(self, dense: np.ndarray, ids: np.ndarray) -> None:
+    def to(self, device: torch.device) -> "Teacher":
+        """This teacher with its weights on ``device`` (cached; the CPU one is ``self``)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        if device not in self._copies:
+            copy = object.__new__(Teacher)
+            copy.__dict__.update(self.__dict__)
+            for name in ("table", "offsets", "w1", "b1", "w2"):
+                setattr(copy, name, getattr(self, name).to(device))
+            copy._copies = {}
+            self._copies[device] = copy
+        return self._copies[device]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_copies": {}}  # DataLoader workers get the CPU weights only
+
+    def calibrate(self, dense, ids) -> None:
         """Scale the logit to spread ``signal`` and shift it so the mean click probability on
         the pilot sample is ``base_rate`` (bisection: the mean is monotone in the shift)."""
-        raw = self.raw_logit(dense, ids).astype(np.float64)
+        raw = self.raw_logit(torch.as_tensor(dense), torch.as_tensor(ids)).double().numpy()
         self.scale = self._signal / max(float(raw.std()), 1e-6)
         z = self.scale * (raw - raw.mean())
         lo, hi = -30.0, 30.0
@@ -75,51 +143,53 @@ class Teacher:
                 hi = mid
         self.shift = 0.5 * (lo + hi) - self.scale * float(raw.mean())
 
-    def raw_logit(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        embedded = [table[ids[:, f]] for f, table in enumerate(self.tables)]
-        x = np.concatenate([dense] + embedded, axis=1)
-        return np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2
+    def raw_logit(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float32 logit before calibration of ``(B, num_dense)`` features, ``(B, F)`` ids."""
+        embedded = self.table[ids + self.offsets].flatten(1)  # (B, F * dim)
+        x = torch.cat([dense.float(), embedded], dim=1)
+        return torch.relu(x @ self.w1 + self.b1) @ self.w2
 
-    def probability(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        z = self.scale * self.raw_logit(dense, ids) + self.shift
-        return 1.0 / (1.0 + np.exp(-z))
+    def probability(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.scale * self.raw_logit(dense, ids) + self.shift)
 
 
 class SyntheticSource:
-    """Generates any sample range of one split; picklable, so DataLoader workers rebuild it."""
+    """Generates any sample range of one split on ``device``; picklable, so DataLoader workers
+    rebuild it (CPU only: CUDA cannot be used in forked workers)."""
 
     def __init__(self, seed: int, split: str, schema: CTRSchema, exponent: float,
-                 teacher: Teacher) -> None:
+                 teacher: Teacher, device: torch.device | str = "cpu") -> None:
         self.seed, self.stream = seed, STREAMS[split]
         self.schema, self.exponent, self.teacher = schema, exponent, teacher
+        self.device = torch.device(device)
+        self.key = int(hash32(torch.tensor([(seed * 8 + self.stream) & MASK32]))[0])
 
-    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Dense, ids, teacher probability and label of samples ``[c * CHUNK, (c + 1) * CHUNK)``."""
-        rng = np.random.default_rng([self.seed, self.stream, c])
-        counts = np.floor(rng.lognormal(1.0, 1.5, (CHUNK, self.schema.num_dense)))
-        dense = np.log1p(counts).astype(np.float32)
-        u = rng.random((CHUNK, len(self.schema.cardinalities)))
-        ids = np.stack([bounded_zipf(u[:, f], n, self.exponent)
-                        for f, n in enumerate(self.schema.cardinalities)], axis=1)
-        prob = self.teacher.probability(dense, ids)
-        labels = (rng.random(CHUNK) < prob).astype(np.float32)
+    def generate(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Dense ``(B, num_dense)`` float32, ids ``(B, F)`` int64, teacher probability ``(B,)``
+        float32 and label ``(B,)`` float32 of the given global sample indices, on ``device``."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
+        num_dense, cards = self.schema.num_dense, self.schema.cardinalities
+        u = uniforms(self.key, idx, num_dense + len(cards) + 1)
+        # Log-normal(1, 1.5) counts through the normal's inverse CDF, then Criteo's log(1 + x).
+        counts = torch.floor(torch.exp(1.0 + 1.5 * torch.special.ndtri(u[:, :num_dense])))
+        dense = torch.log1p(counts).float()
+        ids = torch.stack([bounded_zipf(u[:, num_dense + f], n, self.exponent)
+                           for f, n in enumerate(cards)], dim=1)
+        prob = self.teacher.to(self.device).probability(dense, ids)
+        labels = (u[:, -1] < prob.double()).float()
         return dense, ids, prob, labels
 
     def __call__(self, indices: np.ndarray):
-        dense, ids, _prob, labels = self._gather(indices)
-        return make_batch(dense, ids, labels, indices, self.schema.sparse_names)
+        dense, ids, _prob, labels = self.generate(indices)
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return make_tensor_batch(dense, ids, labels, idx.to(self.device), self.schema.sparse_names)
+
+    def probability(self, indices: np.ndarray) -> np.ndarray:
+        """The teacher's click probability of each sample, as float32 numpy."""
+        return self.generate(indices)[2].cpu().numpy()
 
     def _gather(self, indices: np.ndarray) -> tuple[np.ndarray, ...]:
-        chunks = indices // CHUNK
-        unique = np.unique(chunks)
-        if len(unique) == 1:  # the common case: one chunk, slice it
-            part = self.chunk(int(unique[0]))
-            rows = indices % CHUNK
-            return tuple(a[rows] for a in part)
-        parts = [self.chunk(int(c)) for c in unique]
-        stacked = [np.concatenate([p[j] for p in parts]) for j in range(4)]
-        position = np.searchsorted(unique, chunks) * CHUNK + indices % CHUNK
-        return tuple(a[position] for a in stacked)
+        return tuple(t.cpu().numpy() for t in self.generate(indices))
 
 
 class SyntheticCTR(LightningDataModule):
@@ -137,7 +207,11 @@ class SyntheticCTR(LightningDataModule):
         teacher_dim, teacher_hidden: the teacher's embedding dim and MLP width.
         teacher_signal: standard deviation of the teacher's logit (larger = more learnable).
         base_rate: approximate click rate.
-        num_workers: DataLoader workers (each generates its own batches).
+        num_workers: DataLoader workers (each generates its own batches, on the CPU).
+        device: where the samples (ids, features and the teacher's labels) are generated:
+            ``"cpu"``, ``"cuda"`` (the training GPU, in the main process: no workers) or
+            ``"auto"`` (the training GPU when there is one and ``num_workers`` is 0). The same
+            seed gives the same samples on either (ids exactly, floats to rounding).
     """
 
     def __init__(
@@ -156,6 +230,7 @@ class SyntheticCTR(LightningDataModule):
         teacher_signal: float = 2.0,
         base_rate: float = 0.25,
         num_workers: int = 0,
+        device: Literal["cpu", "cuda", "auto"] = "cpu",
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("train_samples", train_samples),
@@ -170,13 +245,19 @@ class SyntheticCTR(LightningDataModule):
             raise ValueError(f"zipf_exponent must be > 0, got {zipf_exponent!r}")
         if not 0.0 < base_rate < 1.0:
             raise ValueError(f"base_rate must be in (0, 1), got {base_rate!r}")
+        if device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+        if device == "cuda" and num_workers > 0:
+            raise ValueError(f"num_workers: generation on the GPU (device: cuda) runs in the "
+                             f"main process; set num_workers: 0, or device: cpu to generate in "
+                             f"{num_workers} workers")
         cards = CRITEO_1TB_CARDINALITIES if cardinalities is None else tuple(cardinalities)
         if not cards or any(c < 1 for c in cards):
             raise ValueError(f"cardinalities must be a non-empty list of ints >= 1, got {cardinalities!r}")
         self.save_hyperparameters()
         self.batch_size, self.train_samples = batch_size, train_samples
         self.val_samples, self.test_samples = val_samples, test_samples
-        self.num_workers = num_workers
+        self.num_workers, self.device = num_workers, device
         capped = tuple(min(c, max_cardinality) for c in cards)
         self.schema = CTRSchema(num_dense, tuple(f"cat_{i}" for i in range(len(capped))), capped)
         self.teacher = Teacher(seed, num_dense, capped, teacher_dim, teacher_hidden,
@@ -185,16 +266,35 @@ class SyntheticCTR(LightningDataModule):
         pilot_dense = np.log1p(np.floor(rng.lognormal(1.0, 1.5, (8192, num_dense)))).astype(np.float32)
         pilot_ids = np.stack([bounded_zipf(rng.random(8192), n, zipf_exponent) for n in capped], 1)
         self.teacher.calibrate(pilot_dense, pilot_ids)
-        self.sources = {split: SyntheticSource(seed, split, self.schema, zipf_exponent, self.teacher)
-                        for split in STREAMS}
+        self._sources: dict[tuple[str, torch.device], SyntheticSource] = {}
+
+    def generation_device(self) -> torch.device:
+        """The device the batches are generated on (see ``device``)."""
+        root = self.trainer.strategy.root_device if self.trainer is not None else None
+        if self.device == "cpu" or (self.device == "auto" and self.num_workers > 0):
+            return torch.device("cpu")
+        if root is not None and root.type == "cuda":
+            return root
+        if self.device == "auto" and (root is not None or not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' but no CUDA device is available; use device: cpu "
+                             "or auto")
+        return torch.device("cuda", torch.cuda.current_device())
 
     def source(self, split: str) -> SyntheticSource:
-        return self.sources[split]
+        """The generator of one split on :meth:`generation_device`."""
+        key = (split, self.generation_device())
+        if key not in self._sources:
+            hp = self.hparams
+            self._sources[key] = SyntheticSource(hp.seed, split, self.schema, hp.zipf_exponent,
+                                                 self.teacher, key[1])
+        return self._sources[key]
 
     def achievable_logloss(self, split: str = "val", num_samples: int | None = None) -> float:
         """The teacher's own expected log loss: the mean Bernoulli entropy of its probabilities."""
         n = num_samples or (self.val_samples if split == "val" else self.test_samples)
-        _dense, _ids, prob, _labels = self.sources[split]._gather(np.arange(n))
+        prob = self.source(split).probability(np.arange(n))
         p = np.clip(prob.astype(np.float64), 1e-12, 1 - 1e-12)
         return float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p))))
 
@@ -210,8 +310,11 @@ class SyntheticCTR(LightningDataModule):
             check_split_size("test", self.test_samples, self.batch_size, where="test_samples")
 
     def _loader(self, split: str, num_samples: int, train: bool) -> DataLoader:
-        stream = BatchStream(num_samples, self.batch_size, self.sources[split], drop_last=train)
-        return StreamLoader(stream, self.num_workers, self.trainer if train else None)
+        source = self.source(split)
+        stream = BatchStream(num_samples, self.batch_size, source, drop_last=train)
+        # Host batches are pinned on a GPU machine, so the copy to the GPU does not block.
+        pin = source.device.type == "cpu" and torch.cuda.is_available()
+        return StreamLoader(stream, self.num_workers, self.trainer if train else None, pin)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.train_samples, train=True)

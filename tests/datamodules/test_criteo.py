@@ -204,3 +204,29 @@ def test_truncated_gzip_is_named(tmp_path):
     dm.setup("fit")  # the first lines read fine
     with pytest.raises(ValueError, match=r"day.tsv.gz: unreadable after line \d+ .*download or decompress it again"):
         list(dm.train_dataloader())
+
+
+def test_bulk_parser_agrees_with_the_line_parser_and_defers_malformed_lines():
+    """The numpy bulk parser gives parse_line's values (empties, negatives, upper-case hex,
+    CRLF) and returns None for anything parse_line would reject, so those lines are reported."""
+    from datamodules.ctr.criteo import parse_line, parse_lines_fast
+
+    rng = np.random.default_rng(1)
+    lines = []
+    for n in range(200):
+        ints, cats = rng.integers(-3, 10**6, 13), rng.integers(0, 2**32, 26)
+        row = [str(n % 2)] + ["" if v % 7 == 0 else str(v) for v in ints] + \
+              ["" if v % 11 == 0 else format(v, "08x") for v in cats]
+        row[20] = row[20].upper()
+        if n % 5 == 0:
+            row[-1] = ""
+        lines.append(("\t".join(row) + ("\r\n" if n % 9 == 0 else "\n")).encode())
+    labels, ints, cats = parse_lines_fast(lines)
+    expected = [parse_line(line.decode()) for line in lines]
+    assert labels.tolist() == [e[0] for e in expected]
+    assert ints.tolist() == [e[1] for e in expected]
+    assert cats.tolist() == [e[2] for e in expected]
+    good = lines[1]
+    for bad in (b"2" + good[1:], b"\t" + good[2:], good.replace(b"\t", b"\tz", 1),
+                good.replace(b"\t", b"", 1), good[:-1], good.replace(b"\t", b"\t-", 1)[:0] + b"1\t-\t" + good.split(b"\t", 2)[2]):
+        assert parse_lines_fast(lines[:3] + [bad]) is None, bad

@@ -82,3 +82,53 @@ def test_budget_smaller_than_a_batch_is_an_error_naming_the_sizes():
         SyntheticCTR(batch_size=512, train_samples=512, **{**SMALL, "val_samples": 0}).setup("fit")
     with pytest.raises(ValueError, match="val_samples must be >= 0"):
         SyntheticCTR(**{**SMALL, "val_samples": -1})
+
+
+def lowbias32(x: int) -> int:
+    """Wellons' lowbias32 on Python ints (exact, no overflow): the reference for hash32."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_counter_hash_is_exact_32_bit_arithmetic():
+    """The generator's integer mix in int64 tensors (whose products wrap past 2**63) equals the
+    exact integer function, so the ids and labels are the same bits on any device."""
+    import torch
+
+    from datamodules.ctr.synthetic import hash32, uniforms
+
+    xs = [0, 1, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF]
+    assert hash32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    key, idx = 77, [0, 5, 2**33 + 9]
+    u = uniforms(key, torch.tensor(idx), 3)
+    for r, i in enumerate(idx):
+        row = lowbias32(lowbias32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
+        for c in range(3):
+            bits = lowbias32((row + c * 0x9E3779B9 & 0xFFFFFFFF) & 0xFFFFFFFF) >> 8
+            assert u[r, c].item() == (bits + 0.5) / 2**24
+
+
+def test_teacher_probability_float32_against_float64_numpy():
+    """The teacher network in float32 (as on the GPU) against the same network re-derived in
+    float64 numpy from its weights: equal within float32 rounding."""
+    dm = SyntheticCTR(batch_size=256, train_samples=256, **SMALL)
+    source = dm.source("val")
+    dense, ids, prob, _labels = source._gather(np.arange(1000))
+    t = dm.teacher
+    table, offsets = t.table.double().numpy(), t.offsets.numpy()
+    x = np.concatenate([dense.astype(np.float64), table[ids + offsets].reshape(len(ids), -1)], 1)
+    hidden = np.maximum(x @ t.w1.double().numpy() + t.b1.double().numpy(), 0.0)
+    z = t.scale * (hidden @ t.w2.double().numpy()) + t.shift
+    np.testing.assert_allclose(prob, 1.0 / (1.0 + np.exp(-z)), atol=2e-6)
+
+
+def test_device_setting_is_checked():
+    with pytest.raises(ValueError, match="device must be"):
+        SyntheticCTR(device="tpu", **SMALL)
+    with pytest.raises(ValueError, match="num_workers: generation on the GPU"):
+        SyntheticCTR(device="cuda", num_workers=2, **SMALL)
+    # auto without a GPU (or with workers) generates on the CPU.
+    assert SyntheticCTR(device="auto", num_workers=2, **SMALL).generation_device().type == "cpu"
