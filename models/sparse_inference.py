@@ -196,7 +196,10 @@ def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: b
                     found = _search_alg_id(ws, x, b)
                     if found:
                         ws.alg_id_cusparselt = found
-                        searched = graphed_ms(lambda: F.linear(x, ws, b), calls)
+                        try:
+                            searched = graphed_ms(lambda: F.linear(x, ws, b), calls)
+                        except RuntimeError:  # an algorithm the wrapper cannot run: keep the default
+                            searched = float("inf")
                         if searched < sparse_ms:
                             sparse_ms, alg = searched, found
                 by_shape[key] = LayerTiming(dense_ms, sparse_ms, tuple(w.shape), tokens, alg)

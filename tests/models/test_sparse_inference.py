@@ -282,7 +282,10 @@ def test_sparse24_eval_callback_tests_and_predicts_through_lightning():
     results = trainer.test(module, dataloaders=DataLoader(rows, batch_size=16))[0]
     for key in ("test/acc", "test_dense/acc", "test_24/acc", "test_24/tokens_per_s", "test_24/speedup"):
         assert key in results
-    assert results["test_dense/acc"] == pytest.approx(results["test/acc"], abs=1 / 40 + 1e-6)
+    # The graphed dense pass is the model's own (eager) test pass up to bf16 rounding; the 2:4
+    # pass differs from it only by the sparse kernel's rounding (same pruned weights).
+    assert results["test_dense/loss"] == pytest.approx(results["test/loss"], abs=0.02)
+    assert results["test_24/loss"] == pytest.approx(results["test_dense/loss"], abs=0.05)
     assert results["test_24/dense_fallbacks"] == len(callback.plan.choice.dense)
     assert all(not hasattr(m.weight, "packed") for m in select_linears(module, ENCODER).values())
     predictions = trainer.predict(module, dataloaders=DataLoader(rows, batch_size=16))
