@@ -1,14 +1,19 @@
-"""DLRM training throughput: Lightning (DLRMModule) vs a raw fused torchrec loop vs dense gradients,
+"""DLRM training throughput: Lightning (DLRMModule) vs raw fused torchrec loops vs dense gradients,
 and data throughput of the CTR readers, all in samples/s and as ratios measured in the same run.
 
-* raw fused: torchrec DMP, row-wise Adagrad fused into backward, dense Adagrad; a bare loop.
-* Lightning: ``models.DLRMModule`` on a ``Trainer`` (manual optimization, same DMP, same batches).
+* raw DMP loop: torchrec DMP, row-wise Adagrad fused into backward, dense Adagrad; a bare loop
+  over batches already on the device.
+* raw TrainPipelineSparseDist: torchrec's own training pipeline over the same DMP, fed host
+  (pinned) batches: it overlaps their copy to the device and the input distribution with compute.
+* Lightning: ``models.DLRMModule`` on a ``Trainer`` (same DMP, same device batches).
 * dense gradients: the unsharded torchrec DLRM with plain Adagrad over every parameter, so each
   step materialises and updates a gradient for every embedding row (the baseline).
-* readers: ``CriteoTSV`` text (plain and gzip) and ``.npy``, and ``SyntheticCTR``, batched.
+* readers: ``CriteoTSV`` text (plain and gzip) and ``.npy`` at 1, 2, 4, 8 DataLoader workers, and
+  ``SyntheticCTR`` on the CPU (0 to 8 workers) and on the training device; rates are taken from
+  the first batch on (worker start-up excluded).
 
     python benchmarks/bench_dlrm.py                       # CPU: 26 x 100k x 64, B=2048
-    python benchmarks/bench_dlrm.py --device cuda --batch-size 8192 --steps 200
+    python benchmarks/bench_dlrm.py --device cuda --batch-size 8192 --steps 100 --rows 100000 1000000
 """
 
 from __future__ import annotations
@@ -28,8 +33,17 @@ def make_batches(rows: int, batch_size: int, count: int, device: torch.device):
     from datamodules.ctr.synthetic import SyntheticCTR
 
     dm = SyntheticCTR(batch_size=batch_size, train_samples=batch_size * count,
-                      cardinalities=[rows] * 26, max_cardinality=rows, zipf_exponent=1.05)
+                      cardinalities=[rows] * 26, max_cardinality=rows, zipf_exponent=1.05,
+                      device="cuda" if device.type == "cuda" else "cpu")
     return dm, [b.to(device) for b in dm.train_dataloader()]
+
+
+def _shape(module_kwargs: dict, schema):
+    from models.dlrm.sizing import dlrm_shape
+
+    return dlrm_shape(schema.cardinalities, schema.num_dense, module_kwargs["num_embeddings"],
+                      module_kwargs["embedding_dim"], module_kwargs["dense_arch_layer_sizes"],
+                      module_kwargs["over_arch_layer_sizes"])
 
 
 def sync(device: torch.device) -> None:
@@ -38,15 +52,11 @@ def sync(device: torch.device) -> None:
 
 
 def raw_fused(module_kwargs: dict, schema, batches, warmup: int, device) -> float:
-    from models.dlrm.sharded import make_fused_dense_optimizer, shard_with_fused_optimizer
-    from models.dlrm.sizing import dlrm_shape
     from models.dlrm.network import build_dlrm
+    from models.dlrm.sharded import make_fused_dense_optimizer, shard_with_fused_optimizer
 
-    shape = dlrm_shape(schema.cardinalities, schema.num_dense, module_kwargs["num_embeddings"],
-                       module_kwargs["embedding_dim"], module_kwargs["dense_arch_layer_sizes"],
-                       module_kwargs["over_arch_layer_sizes"])
-    dmp = shard_with_fused_optimizer(build_dlrm(shape, schema.sparse_names), device,
-                                     "row_wise_adagrad", 0.01)
+    dmp = shard_with_fused_optimizer(build_dlrm(_shape(module_kwargs, schema), schema.sparse_names),
+                                     device, "row_wise_adagrad", 0.01)
     dense = torch.optim.Adagrad(list(_dense_params(dmp)), lr=0.01)
     opt = make_fused_dense_optimizer(dmp, dense)
     start = None
@@ -59,6 +69,33 @@ def raw_fused(module_kwargs: dict, schema, batches, warmup: int, device) -> floa
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync(device)
+    return _rate(batches, warmup, time.perf_counter() - start)
+
+
+def raw_pipeline(module_kwargs: dict, schema, batches, warmup: int, device) -> float:
+    """torchrec's TrainPipelineSparseDist over DMP(DLRMTrain(DLRM)), fed host batches."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.models.dlrm import DLRMTrain
+
+    from models.dlrm.network import build_dlrm
+    from models.dlrm.sharded import make_fused_dense_optimizer, shard_with_fused_optimizer
+
+    net = DLRMTrain(build_dlrm(_shape(module_kwargs, schema), schema.sparse_names))
+    dmp = shard_with_fused_optimizer(net, device, "row_wise_adagrad", 0.01)
+    opt = make_fused_dense_optimizer(dmp, torch.optim.Adagrad(list(_dense_params(dmp)), lr=0.01))
+    pipeline = TrainPipelineSparseDist(dmp, opt, device, execute_all_batches=True)
+    it = iter(batches)
+    start, i = None, 0
+    while True:
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        try:
+            pipeline.progress(it)
+        except StopIteration:
+            break
+        i += 1
     sync(device)
     return _rate(batches, warmup, time.perf_counter() - start)
 
@@ -112,13 +149,10 @@ def lightning_loop(module_kwargs: dict, schema, batches, warmup: int, device) ->
 
 
 def dense_gradients(module_kwargs: dict, schema, batches, warmup: int, device) -> float:
-    from models.dlrm.sizing import dlrm_shape
     from models.dlrm.network import build_dlrm
 
-    shape = dlrm_shape(schema.cardinalities, schema.num_dense, module_kwargs["num_embeddings"],
-                       module_kwargs["embedding_dim"], module_kwargs["dense_arch_layer_sizes"],
-                       module_kwargs["over_arch_layer_sizes"])
-    model = build_dlrm(shape, schema.sparse_names, embedding_device=device).to(device)
+    model = build_dlrm(_shape(module_kwargs, schema), schema.sparse_names,
+                       embedding_device=device).to(device)
     opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
     start = None
     for i, b in enumerate(batches):
@@ -133,79 +167,148 @@ def dense_gradients(module_kwargs: dict, schema, batches, warmup: int, device) -
     return _rate(batches, warmup, time.perf_counter() - start)
 
 
-def reader_rates(batch_size: int, samples: int) -> dict[str, float]:
+def write_criteo_files(folder: Path, samples: int) -> dict[str, Path]:
+    """A Criteo-format text file (plain and gzip) and torchrec's three .npy files of it."""
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-1, 1000, (samples, 13))
+    cats = rng.integers(0, 2**32, (samples, 26))
+    text = folder / "day_0.tsv"
+    with open(text, "w") as f:
+        for n in range(samples):
+            row = [str(n % 2)] + ["" if v == 5 else str(v) for v in ints[n]] + \
+                  [format(v, "08x") for v in cats[n]]
+            f.write("\t".join(row) + "\n")
+    gz = folder / "day_0.tsv.gz"
+    gz.write_bytes(gzip.compress(text.read_bytes(), 1))
+    np.save(folder / "day_0_dense.npy", np.log1p(np.maximum(ints, 0)).astype(np.float32))
+    np.save(folder / "day_0_sparse.npy", cats)
+    np.save(folder / "day_0_labels.npy", (np.arange(samples) % 2).reshape(-1, 1).astype(np.int32))
+    return {"text": text, "gzip": gz, ".npy": folder / "day_0_dense.npy"}
+
+
+def reader_rates(batch_size: int, samples: int, workers: list[int], device) -> dict[str, float]:
+    """samples/s of each reader (CPU batches, pinned on a GPU machine, as training gets them)."""
     from datamodules.ctr.criteo import CriteoTSV
     from datamodules.ctr.synthetic import SyntheticCTR
 
-    rng = np.random.default_rng(0)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "day_0.tsv"
-        ints = rng.integers(-1, 1000, (samples, 13))
-        cats = rng.integers(0, 2**32, (samples, 26))
-        with open(path, "w") as f:
-            for n in range(samples):
-                row = [str(n % 2)] + ["" if v == 5 else str(v) for v in ints[n]] + \
-                      [format(v, "08x") for v in cats[n]]
-                f.write("\t".join(row) + "\n")
-        (Path(tmp) / "day_0.tsv.gz").write_bytes(gzip.compress(path.read_bytes(), 1))
-        np.save(Path(tmp) / "day_0_dense.npy", np.log1p(np.maximum(ints, 0)).astype(np.float32))
-        np.save(Path(tmp) / "day_0_sparse.npy", cats)
-        np.save(Path(tmp) / "day_0_labels.npy", (np.arange(samples) % 2).reshape(-1, 1).astype(np.int32))
-        for name, file, workers in (("CriteoTSV text", "day_0.tsv", 0),
-                                    ("CriteoTSV text, 2 workers", "day_0.tsv", 2),
-                                    ("CriteoTSV gzip", "day_0.tsv.gz", 0),
-                                    ("CriteoTSV .npy", "day_0_dense.npy", 0)):
-            dm = CriteoTSV(train_files=[str(Path(tmp) / file)], batch_size=batch_size,
-                           hash_size=100_000, num_workers=workers)
-            out[name] = _drain(dm.train_dataloader())
-    for workers in (0, 2):
-        dm = SyntheticCTR(batch_size=batch_size, train_samples=samples, num_workers=workers)
-        out[f"SyntheticCTR{'' if not workers else ', 2 workers'}"] = _drain(dm.train_dataloader())
+        files = write_criteo_files(Path(tmp), samples)
+        for kind, path in files.items():
+            for n in workers:
+                name = f"CriteoTSV {kind}, {n} workers"
+                try:
+                    dm = CriteoTSV(train_files=[str(path)], batch_size=batch_size,
+                                   hash_size=100_000, num_workers=n)
+                    out[name] = _drain(dm.train_dataloader(), device)
+                except Exception as err:  # one failing row must not lose the table
+                    print(f"{name}: failed: {type(err).__name__}: {err}")
+    for n in [0, *workers]:
+        name = f"SyntheticCTR on the CPU, {n} workers"
+        try:
+            dm = SyntheticCTR(batch_size=batch_size, train_samples=samples, num_workers=n)
+            out[name] = _drain(dm.train_dataloader(), device)
+        except Exception as err:
+            print(f"{name}: failed: {type(err).__name__}: {err}")
+    if device.type == "cuda":
+        name = "SyntheticCTR on the GPU (device: cuda)"
+        try:
+            dm = SyntheticCTR(batch_size=batch_size, train_samples=samples * 4, device="cuda")
+            out[name] = _drain(dm.train_dataloader(), device)
+        except Exception as err:
+            print(f"{name}: failed: {type(err).__name__}: {err}")
     return out
 
 
-def _drain(loader) -> float:
-    start, n = time.perf_counter(), 0
+def _drain(loader, device) -> float:
+    """samples/s from the first batch on (DataLoader worker start-up excluded), each batch
+    copied to ``device`` without blocking (synchronised at the end)."""
+    start, n = None, 0
     for b in loader:
+        b = b.to(device, non_blocking=True) if device.type == "cuda" else b
+        if start is None:
+            sync(device)
+            start = time.perf_counter()
+            continue
         n += len(b.labels)
-    return n / (time.perf_counter() - start)
+    sync(device)
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
+def run_rows(name: str, fn, *args) -> float | None:
+    try:
+        return fn(*args)
+    except Exception as err:  # one failing row must not lose the table
+        print(f"{name}: failed: {type(err).__name__}: {err}")
+        return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000],
+                        help="rows per table; one table of results per value")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dense-steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reader-samples", type=int, default=65536)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--skip-readers", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    kwargs = dict(embedding_dim=64, num_embeddings=args.rows, dense_arch_layer_sizes=[512, 256],
-                  over_arch_layer_sizes=[512, 512, 256])
-    dm, batches = make_batches(args.rows, args.batch_size, args.steps + args.warmup, device)
-    raw, lit = [], []
-    for _ in range(args.rounds):  # interleaved, so load changes hit both alike
-        raw.append(raw_fused(kwargs, dm.schema, batches, args.warmup, device))
-        lit.append(lightning_loop(kwargs, dm.schema, batches, args.warmup, device))
-    dense = dense_gradients(kwargs, dm.schema, batches[:args.dense_steps + 1], 1, device)
-    raw_best, lit_best = max(raw), max(lit)
-    print(f"DLRM 26 tables x {args.rows} x 64, bottom 512-256-64, top 512-512-256-1, "
-          f"B={args.batch_size}, {device.type}; best of {args.rounds} interleaved rounds")
-    print("| loop | samples/s | vs raw fused |")
-    print("|---|---|---|")
-    print(f"| raw torchrec, fused row-wise Adagrad (DMP) | {raw_best:,.0f} | 1.00 |")
-    print(f"| Lightning DLRMModule (same DMP, same batches) | {lit_best:,.0f} | {lit_best / raw_best:.2f} |")
-    print(f"| dense gradients on every row (plain Adagrad) | {dense:,.0f} | {dense / raw_best:.3f} |")
-    print(f"rounds raw {[round(r) for r in raw]}, Lightning {[round(r) for r in lit]}")
-    rates = reader_rates(args.batch_size, args.reader_samples)
-    print("| data source | samples/s | vs Lightning training |")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    print(f"DLRM 26 tables x V x 64, bottom 512-256-64, top 512-512-256-1, B={args.batch_size}, "
+          f"{device.type}, {args.steps} timed steps after {args.warmup}; best of {args.rounds} "
+          f"interleaved rounds")
+    print("| loop | V (rows/table) | samples/s | vs raw DMP loop |")
+    print("|---|---|---|---|")
+    best_lit = None
+    for rows in args.rows:
+        kwargs = dict(embedding_dim=64, num_embeddings=rows, dense_arch_layer_sizes=[512, 256],
+                      over_arch_layer_sizes=[512, 512, 256])
+        dm, batches = make_batches(rows, args.batch_size, args.steps + args.warmup, device)
+        host = [b.to("cpu") for b in batches]
+        if device.type == "cuda":
+            host = [b.pin_memory() for b in host]
+        results: dict[str, list[float]] = {"raw": [], "pipe": [], "lit": []}
+        for _ in range(args.rounds):  # interleaved, so load changes hit all alike
+            for key, fn, data in (("raw", raw_fused, batches), ("pipe", raw_pipeline, host),
+                                  ("lit", lightning_loop, batches)):
+                rate = run_rows(f"{key} V={rows}", fn, kwargs, dm.schema, data, args.warmup, device)
+                if rate is not None:
+                    results[key].append(rate)
+        dense = run_rows(f"dense V={rows}", dense_gradients, kwargs, dm.schema,
+                         batches[:args.dense_steps + 1], 1, device)
+        best = {k: max(v) if v else None for k, v in results.items()}
+        base = best["raw"]
+
+        def row(label: str, rate: float | None) -> None:
+            ratio = f"{rate / base:.2f}" if rate and base else "-"
+            shown = f"{rate:,.0f}" if rate else "failed"
+            print(f"| {label} | {rows:,} | {shown} | {ratio} |")
+
+        row("raw torchrec DMP loop, fused row-wise Adagrad", base)
+        row("raw torchrec TrainPipelineSparseDist (host batches)", best["pipe"])
+        row("Lightning DLRMModule (same DMP, same batches)", best["lit"])
+        row("dense gradients on every row (plain Adagrad)", dense)
+        print(f"rounds {rows}: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in results.items()))
+        if best["lit"] and (best_lit is None):
+            best_lit = best["lit"]
+        del dm, batches, host
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.skip_readers:
+        return
+    rates = reader_rates(args.batch_size, args.reader_samples, args.workers, device)
+    ref = best_lit or 1.0
+    print(f"\n| data source (B={args.batch_size}) | samples/s | vs Lightning training, "
+          f"V={args.rows[0]:,} |")
     print("|---|---|---|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:,.0f} | {rate / lit_best:.1f}x |")
+        print(f"| {name} | {rate:,.0f} | {rate / ref:.2f}x |")
 
 
 if __name__ == "__main__":
