@@ -5,14 +5,15 @@ Baseline: the same layer or model, dense bf16 (cuBLAS), in the same run, through
 trained BERT-base/large exists offline), pruned 2:4 along the input dimension with
 ``models.nm_sparsity.nm_mask`` and compressed with ``torch.sparse.to_sparse_semi_structured``.
 
-* per layer: the GEMMs of a BERT encoder layer (as transformers runs them: Q, K and V are three
-  ``(H, H)`` Linears), ``(out, in)`` = ``(H, H)``, FFN in ``(4H, H)``, FFN out ``(H, 4H)``, at
+* per layer: the GEMM shapes of a BERT encoder layer as transformers runs them, ``(out, in)`` =
+  ``(H, H)`` (Q, K, V and attention output), FFN in ``(4H, H)``, FFN out ``(H, 4H)``, at
   4096 and 16384 tokens: eager, graphed, and graphed with cuSPARSELt's algorithm search;
 * end to end: a randomly initialised ``BertModel`` (base: 12 x 768, large: 24 x 1024) in bf16,
   every encoder Linear pruned 2:4, batches of 128-token sequences (32 x 128 = 4096 tokens,
   128 x 128 = 16384 tokens): dense and all-2:4, eager and graphed, and "auto" (graphed, 2:4 only
   on layers whose graphed GEMM timing beat dense at that token count, the others dense; if the
-  whole model is then still not faster than dense, auto uses the dense model).
+  whole model is then still not faster than dense, auto uses the dense model), also with
+  cuSPARSELt's algorithm search per shape.
 
     python benchmarks/bench_sparse24.py            # needs a CUDA GPU (sm80+, cuSPARSELt)
     python benchmarks/bench_sparse24.py --smoke    # seconds: 2-layer models, fewer repeats
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models.nm_sparsity import nm_mask, select_linears  # noqa: E402
-from models.sparse_inference import (BucketedRunner, _search_alg_id, graphed_ms, hf_forward,  # noqa: E402
+from models.sparse_inference import (BucketedRunner, search_alg_id, graphed_ms, hf_forward,  # noqa: E402
                                      prepare_sparse24, restore_weights)
 
 SHAPES = {"base": (768, 12, 12), "large": (1024, 24, 16)}  # hidden, layers, heads
@@ -63,7 +64,7 @@ def per_layer(models: list[str], tokens_list: list[int], iters: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in models:
         h = SHAPES[model][0]
-        gemms = {"Q/K/V": (h, h), "attn out": (h, h), "FFN in": (4 * h, h), "FFN out": (h, 4 * h)}
+        gemms = {"Q, K, V, attn out": (h, h), "FFN in": (4 * h, h), "FFN out": (h, 4 * h)}
         for name, (out_f, in_f) in gemms.items():
             for tokens in tokens_list:
                 try:
@@ -78,7 +79,7 @@ def per_layer(models: list[str], tokens_list: list[int], iters: int) -> None:
                         sparse_e = time_ms(lambda: F.linear(x, ws, b), iters)
                         dense_g = graphed_ms(lambda: F.linear(x, w, b))
                         sparse_g = graphed_ms(lambda: F.linear(x, ws, b))
-                        alg = _search_alg_id(ws, x, b)
+                        alg = search_alg_id(ws, x, b)
                         ws.alg_id_cusparselt = alg
                         searched = graphed_ms(lambda: F.linear(x, ws, b))
                     best = min(sparse_g, searched)
@@ -96,8 +97,9 @@ def end_to_end(models: list[str], batches: list[int], seq: int, iters: int, laye
 
     print("\n## End to end (random-init BertModel, bf16, eval): dense vs 2:4, eager and CUDA-graphed\n")
     print("| model | batch x seq | tokens | dense eager ms | 2:4 eager ms | dense graph ms | 2:4 graph ms "
-          "| 2:4 graphed speed-up | auto graph ms | auto speed-up | layers dense in auto | max abs diff (2:4 vs dense) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| 2:4 graphed speed-up | auto graph ms | auto speed-up | layers dense in auto | auto + alg search ms "
+          "| max abs diff (2:4 vs dense) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name in models:
         h, layers, heads = SHAPES[model_name]
         layers = layers_override or layers
@@ -146,9 +148,23 @@ def end_to_end(models: list[str], batches: list[int], seq: int, iters: int, laye
                     note = f"{len(auto.choice.dense)}/{len(auto.table)}: {', '.join(fell_back) or '-'}"
                     if auto_g >= dense_g:  # the automatic path never runs slower than dense
                         auto_g, note = dense_g, f"all (whole model not faster: {note})"
+                    search = "-"
+                    try:  # auto again with cuSPARSELt's alg-id search per shape (own cell: may fail alone)
+                        searched = prepare_sparse24(model, ENCODER, tokens=b * seq, min_speedup=min_speedup,
+                                                    alg_search=True)
+                        try:
+                            search_runner = BucketedRunner(fn, [seq], [b])
+                            search_g = time_ms(lambda: search_runner(ids, mask), iters, 3)
+                            search_runner.reset()
+                        finally:
+                            restore_weights(model, searched)
+                        algs = sorted({t.alg_id for t in searched.table.values()})
+                        search = f"{search_g:.3f} ({dense_g / search_g:.2f}x, algs {algs})"
+                    except Exception as err:
+                        search = f"error: {type(err).__name__}: {str(err)[:80]}"
                 print(row + f"| {dense_e:.3f} | {sparse_e:.3f} | {dense_g:.3f} | {sparse_g:.3f} "
-                      f"| {dense_g / sparse_g:.2f}x | {auto_g:.3f} | {dense_g / auto_g:.2f}x | {note} | {diff:.3g} |",
-                      flush=True)
+                      f"| {dense_g / sparse_g:.2f}x | {auto_g:.3f} | {dense_g / auto_g:.2f}x | {note} "
+                      f"| {search} | {diff:.3g} |", flush=True)
             except Exception as err:  # one failing row never kills the table
                 print(row + f"| error: {type(err).__name__}: {str(err)[:300]} |", flush=True)
                 traceback.print_exc(limit=3)

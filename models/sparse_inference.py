@@ -35,9 +35,10 @@ from models.nm_sparsity import export_sparse_24, select_linears
 DEFAULT_SEQ_BUCKETS = (32, 64, 128, 256, 512)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-__all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "bucket_for", "pad_to_bucket",
-           "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms", "linear_timing_table",
-           "Sparse24Plan", "prepare_sparse24", "restore_weights", "additive_mask", "hf_forward", "BucketedRunner", "timed_forward"]
+__all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "bucket_for",
+           "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
+           "search_alg_id", "linear_timing_table", "Sparse24Plan", "prepare_sparse24",
+           "restore_weights", "additive_mask", "hf_forward", "BucketedRunner", "timed_forward"]
 
 
 def check_buckets(values: Iterable[int], field_name: str) -> tuple[int, ...]:
@@ -160,7 +161,7 @@ def graphed_ms(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> 
     return sorted(times)[len(times) // 2]
 
 
-def _search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
+def search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
     """cuSPARSELt's best algorithm for ``F.linear(x, sparse_weight, bias)`` (0 if the search fails)."""
     try:
         return int(torch._cslt_sparse_mm_search(sparse_weight.packed, x.t(), bias=bias))
@@ -193,7 +194,7 @@ def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: b
                 sparse_ms = graphed_ms(lambda: F.linear(x, ws, b), calls)
                 alg = 0
                 if alg_search:
-                    found = _search_alg_id(ws, x, b)
+                    found = search_alg_id(ws, x, b)
                     if found:
                         ws.alg_id_cusparselt = found
                         try:
