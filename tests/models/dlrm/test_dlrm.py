@@ -251,7 +251,7 @@ def test_checkpoint_resume_restores_fused_optimizer_state(tmp_path):
     assert resumed.samples_seen == straight.samples_seen == 64 * 6
 
 
-@pytest.mark.parametrize("config", ["synthetic", "movielens", "criteo_mlperf"])
+@pytest.mark.parametrize("config", ["synthetic", "synthetic_gpu", "movielens", "criteo_mlperf"])
 def test_configs_parse(config, capsys):
     from lit.cli import main
 

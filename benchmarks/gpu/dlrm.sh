@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# DLRM on one H200: GPU tests (a two-process NCCL fit as well when two GPUs are visible), the
+# throughput table of benchmarks/bench_dlrm.py (raw DMP loop, raw TrainPipelineSparseDist,
+# Lightning DLRMModule, dense gradients at V = 100k and 1M rows per table; readers at 1/2/4/8
+# workers; SyntheticCTR on the CPU and on the GPU), then end-to-end single-epoch fits of
+# configs/dlrm/synthetic.yaml and configs/dlrm/synthetic_gpu.yaml with samples/s of the whole fit.
+#
+#   benchmarks/gpu/dlrm.sh smoke   # every path, tiny sizes: about 1.5 minutes
+#   benchmarks/gpu/dlrm.sh full    # the numbers: about 5-6 minutes (under 7)
+#
+# Run from the repository root with the repository on PYTHONPATH (torchrec and fbgemm-gpu
+# installed). Benchmarks use GPU 0 only; the tests may use two GPUs.
+set -u
+MODE=${1:-smoke}
+case "$MODE" in smoke|full) ;; *) echo "usage: $0 smoke|full" >&2; exit 2 ;; esac
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export PYTHONWARNINGS=ignore
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+status=0
+section() { echo; echo "## $1 ($(date -u +%H:%M:%S))"; }
+
+section "GPU tests"
+python3 -m pytest -m gpu tests/models/dlrm/test_dlrm_gpu.py -q -x -p no:cacheprovider \
+  -W ignore 2>&1 | tail -n 25 || status=1
+
+export CUDA_VISIBLE_DEVICES=0
+section "bench_dlrm.py"
+if [ "$MODE" = full ]; then
+  BENCH=(--rows 100000 1000000 --steps 100 --warmup 10 --rounds 2 --dense-steps 10
+         --reader-samples 524288 --workers 1 2 4 8)
+  LIMIT=330
+else
+  BENCH=(--rows 10000 --steps 10 --warmup 3 --rounds 1 --dense-steps 3
+         --reader-samples 32768 --workers 1 2)
+  LIMIT=120
+fi
+echo "python3 benchmarks/bench_dlrm.py --device cuda --batch-size 8192 ${BENCH[*]}"
+timeout "$LIMIT" python3 benchmarks/bench_dlrm.py --device cuda --batch-size 8192 "${BENCH[@]}" \
+  2>"$WORK/bench.err" | grep -v "^\s*$\|Warning\|warn(" || status=1
+grep -i "error\|Traceback" "$WORK/bench.err" | tail -n 5
+
+fit() {  # name, config, train samples, extra args...
+  local name=$1 config=$2 samples=$3; shift 3
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  timeout 180 python3 -m lit fit --config "$config" --trainer.accelerator gpu --trainer.devices 1 \
+    --trainer.default_root_dir "$WORK/$name" --trainer.logger.init_args.save_dir "$WORK/$name/runs" \
+    --trainer.enable_progress_bar false "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  local metrics
+  metrics=$(grep -E "test/(logloss|auroc|ne) " "$WORK/$name.log" | tr -s ' │|' ' ' | tr '\n' ';')
+  python3 -c "import sys; n, s, rc = int(sys.argv[1]), float(sys.argv[3]) - float(sys.argv[2]), sys.argv[4]
+print(f'| {sys.argv[5]} | {n:,} | {s:.1f} | {n / s:,.0f} | {\"ok\" if rc == \"0\" else \"FAILED rc=\" + rc} | {sys.argv[6]} |')" \
+    "$samples" "$t0" "$t1" "$rc" "$config $*" "$metrics"
+  if [ "$rc" != 0 ]; then tail -n 20 "$WORK/$name.log"; status=1; fi
+}
+
+section "end-to-end single-epoch fits (wall time of the whole command: start-up, model build, evaluations)"
+echo "| config | train samples | seconds | samples/s (whole fit) | status | test metrics |"
+echo "|---|---|---|---|---|---|"
+if [ "$MODE" = full ]; then
+  fit synthetic configs/dlrm/synthetic.yaml 2097152
+  fit synthetic_gpu configs/dlrm/synthetic_gpu.yaml 33554432
+else
+  fit synthetic configs/dlrm/synthetic.yaml 131072 --data.init_args.train_samples 131072 \
+    --data.init_args.val_samples 8192 --data.init_args.test_samples 8192 \
+    "--trainer.callbacks=[{class_path: callbacks.EvalAtSamples, init_args: {at_samples: [65536, 131072]}}]"
+  fit synthetic_gpu configs/dlrm/synthetic_gpu.yaml 262144 --data.init_args.train_samples 262144 \
+    --data.init_args.val_samples 16384 --data.init_args.test_samples 16384 \
+    "--trainer.callbacks=[{class_path: callbacks.EvalAtSamples, init_args: {at_samples: [131072, 262144]}}]"
+fi
+section "done, status $status"
+exit $status
