@@ -13,8 +13,10 @@ that epoch the callback runs the test batches through :class:`models.sparse_infe
 1. with the dense weights: ``test_dense/acc``, ``test_dense/loss``, ``test_dense/tokens_per_s``;
 2. after :func:`models.sparse_inference.prepare_sparse24`: a timing table of every selected layer,
    dense vs 2:4 at ``timing_tokens`` rows, 2:4 kept only where faster (the others fall
-   back to dense and are named in the log): ``test_24/acc``, ``test_24/loss``,
-   ``test_24/tokens_per_s``, ``test_24/speedup`` (over graphed dense), ``test_24/dense_fallbacks``;
+   back to dense and are named in the log), then the whole model timed dense vs exported on one
+   bucket (:func:`models.sparse_inference.keep_if_faster`: back to dense unless faster):
+   ``test_24/acc``, ``test_24/loss``, ``test_24/tokens_per_s``, ``test_24/speedup`` (over
+   graphed dense), ``test_24/dense_fallbacks``;
 
 then puts the dense weights back. Each pass runs the batches twice: the first captures the graphs
 and gives the metrics, the second is timed (tokens = real, unpadded tokens).
@@ -34,8 +36,8 @@ from typing_extensions import override
 
 from models.int8 import DEFAULT_INCLUDE
 from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner,
-                                     Sparse24Plan, check_buckets, hf_forward, prepare_sparse24, restore_weights,
-                                     timed_forward)
+                                     Sparse24Plan, bucket_for, bucket_ms, check_buckets, hf_forward,
+                                     keep_if_faster, prepare_sparse24, restore_weights, timed_forward)
 
 
 class Sparse24Eval(Callback):
@@ -47,7 +49,11 @@ class Sparse24Eval(Callback):
         seq_buckets, batch_buckets: static shapes of the graphs (inputs are padded up to them).
         timing_tokens: input rows (batch x seq) at which each layer is timed dense vs 2:4.
         min_speedup: a layer keeps 2:4 only when its measured dense/2:4 time ratio beats this.
-        fallback: ``False`` exports every selected layer without timing them.
+        fallback: ``False`` exports every selected layer without timing them (and without the
+            whole-model check).
+        whole_model_check: time the whole model, dense vs exported, on a random batch of about
+            ``timing_tokens`` tokens (128-token rows where a bucket allows) and go back to dense
+            unless the export is faster than ``min_speedup``.
         alg_search: let cuSPARSELt search its algorithm per GEMM shape for the timing table.
         cuda_graphs: ``False`` runs the padded buckets eagerly (to see the host overhead).
         prefix: metric prefix of the 2:4 pass.
@@ -62,6 +68,7 @@ class Sparse24Eval(Callback):
         timing_tokens: int = 4096,
         min_speedup: float = 1.0,
         fallback: bool = True,
+        whole_model_check: bool = True,
         alg_search: bool = False,
         cuda_graphs: bool = True,
         prefix: str = "test_24",
@@ -77,7 +84,7 @@ class Sparse24Eval(Callback):
         self.include, self.exclude = list(include), list(exclude)
         self.seq_buckets = check_buckets(seq_buckets, "seq_buckets")
         self.batch_buckets = check_buckets(batch_buckets, "batch_buckets")
-        self.timing_tokens = timing_tokens
+        self.timing_tokens, self.whole_model_check = timing_tokens, whole_model_check
         self.min_speedup, self.fallback, self.alg_search = min_speedup, fallback, alg_search
         self.cuda_graphs, self.prefix = cuda_graphs, prefix
         self.plan: Sparse24Plan | None = None  # of the last run
@@ -96,12 +103,31 @@ class Sparse24Eval(Callback):
         pad = getattr(net.config, "pad_token_id", 0) or 0
         return BucketedRunner(hf_forward(net), self.seq_buckets, self.batch_buckets, pad, self.cuda_graphs)
 
+    def timing_shape(self) -> tuple[int, int]:
+        """``(batch, seq)`` bucket of the whole-model check: 128-token rows (or the nearest seq
+        bucket) and enough rows for about ``timing_tokens`` tokens, within the buckets."""
+        small = [b for b in self.seq_buckets if b <= 128]
+        seq = small[-1] if small else self.seq_buckets[0]
+        rows = min(max(1, self.timing_tokens // seq), self.batch_buckets[-1])
+        return bucket_for(rows, self.batch_buckets), seq
+
     def _prepare(self, pl_module: LightningModule) -> Sparse24Plan:
-        self.plan = prepare_sparse24(pl_module, self.include, self.exclude, tokens=self.timing_tokens,
-                                     min_speedup=self.min_speedup, alg_search=self.alg_search,
-                                     fallback=self.fallback)
-        rank_zero_info(f"[2:4] {self.plan.choice}")
-        return self.plan
+        check = self.fallback and self.whole_model_check
+        batch, seq = self.timing_shape()
+        vocab, device = pl_module.net.config.vocab_size, pl_module.device
+        if check:
+            dense_ms = bucket_ms(self._runner(pl_module), batch, seq, vocab, device)
+        self.plan = plan = prepare_sparse24(pl_module, self.include, self.exclude, tokens=self.timing_tokens,
+                                            min_speedup=self.min_speedup, alg_search=self.alg_search,
+                                            fallback=self.fallback)
+        if check and plan.choice.sparse:
+            sparse_ms = bucket_ms(self._runner(pl_module), batch, seq, vocab, device)
+            kept = keep_if_faster(pl_module, plan, dense_ms, sparse_ms, self.min_speedup)
+            rank_zero_info(f"[2:4] whole model at {batch} x {seq} tokens: dense {dense_ms:.3f} ms, 2:4 "
+                           f"{sparse_ms:.3f} ms ({dense_ms / sparse_ms:.2f}x): "
+                           + ("2:4 kept" if kept else "not faster, every layer stays dense"))
+        rank_zero_info(f"[2:4] {plan.choice}")
+        return plan
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

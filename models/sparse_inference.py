@@ -14,7 +14,8 @@ kernel, which is faster than cuBLAS's dense one for most BERT-base/large GEMMs. 
 * measures each selected Linear layer dense vs 2:4 inside CUDA graphs at the bucket's token
   count (:func:`linear_timing_table`), keeps 2:4 only where it is faster
   (:func:`choose_sparse_layers`, a pure function of that table) and exports those layers
-  (:func:`prepare_sparse24`); the others stay dense and are reported.
+  (:func:`prepare_sparse24`); the others stay dense and are reported. :func:`keep_if_faster`
+  then compares the whole model, dense vs exported, and reverts to dense unless it is faster.
 
 Shapes: ``B`` batch rows, ``T`` tokens per row; buckets ``(B*, T*)`` with ``B* >= B``, ``T* >= T``.
 """
@@ -38,7 +39,8 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 __all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "bucket_for",
            "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
            "search_alg_id", "linear_timing_table", "Sparse24Plan", "prepare_sparse24",
-           "restore_weights", "additive_mask", "hf_forward", "BucketedRunner", "timed_forward"]
+           "restore_weights", "keep_if_faster", "bucket_ms", "additive_mask", "hf_forward",
+           "BucketedRunner", "timed_forward"]
 
 
 def check_buckets(values: Iterable[int], field_name: str) -> tuple[int, ...]:
@@ -104,7 +106,7 @@ class FallbackChoice:
     speedups: dict[str, float]
 
     def __str__(self) -> str:
-        fell = ", ".join(f"{n} ({self.speedups[n]:.2f}x)" for n in self.dense) or "none"
+        fell = ", ".join(f"{n} ({self.speedups.get(n, float('nan')):.2f}x)" for n in self.dense) or "none"
         return f"2:4 on {len(self.sparse)} layer(s); dense fallback on {len(self.dense)}: {fell}"
 
 
@@ -216,6 +218,7 @@ class Sparse24Plan:
     table: dict[str, LayerTiming]
     choice: FallbackChoice
     original: dict[str, nn.Parameter] = field(default_factory=dict)  # name -> dense weight
+    whole_model_ms: tuple[float, float] | None = None  # (dense, 2:4) of the whole model, if timed
 
 
 def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterable[str] = (),
@@ -257,6 +260,46 @@ def restore_weights(module: nn.Module, plan: Sparse24Plan) -> None:
     """Undo :func:`prepare_sparse24`: the exported layers get their dense weights back."""
     for name, weight in plan.original.items():
         module.get_submodule(name).weight = weight
+
+
+def keep_if_faster(module: nn.Module, plan: Sparse24Plan, dense_ms: float, sparse_ms: float,
+                   min_speedup: float = 1.0) -> bool:
+    """Whole-model check after :func:`prepare_sparse24`: keep the export only if it is faster.
+
+    ``dense_ms`` and ``sparse_ms`` are the whole model's times (same path, same bucket) before
+    and after the export. Unless ``dense_ms / sparse_ms > min_speedup``, the dense weights come
+    back and every layer is reported as a dense fallback. Records the times in ``plan``.
+
+    Returns:
+        ``True`` when the 2:4 export is kept.
+    """
+    plan.whole_model_ms = (dense_ms, sparse_ms)
+    if plan.choice.sparse and sparse_ms > 0 and dense_ms / sparse_ms > min_speedup:
+        return True
+    restore_weights(module, plan)
+    plan.original = {}
+    plan.choice = FallbackChoice([], plan.choice.sparse + plan.choice.dense, plan.choice.speedups)
+    return False
+
+
+def bucket_ms(runner: BucketedRunner, batch: int, seq: int, vocab_size: int, device: torch.device | str,
+              iters: int = 10) -> float:
+    """Median milliseconds of ``runner`` on a random ``(batch, seq)`` batch (graph captured first)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab_size, (batch, seq), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    for _ in range(3):
+        runner(ids, mask)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner(ids, mask)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

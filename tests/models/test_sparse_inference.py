@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from models.nm_sparsity import nm_mask, select_linears
-from models.sparse_inference import (BucketedRunner, LayerTiming, additive_mask, bucket_for,
-                                     check_buckets, choose_sparse_layers, hf_forward, pad_to_bucket,
-                                     prepare_sparse24, restore_weights)
+from models.sparse_inference import (BucketedRunner, FallbackChoice, LayerTiming, Sparse24Plan,
+                                     additive_mask, bucket_for, check_buckets, choose_sparse_layers,
+                                     hf_forward, keep_if_faster, pad_to_bucket, prepare_sparse24,
+                                     restore_weights)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENCODER = [r"encoder\.layer\.\d+\."]
@@ -110,6 +111,36 @@ def test_fallback_choice_on_a_scripted_timing_table():
     assert "l0.out (1.04x)" in str(strict)
     with pytest.raises(ValueError, match="min_speedup"):
         choose_sparse_layers(table, min_speedup=0)
+
+
+def test_whole_model_check_keeps_the_export_only_when_faster():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    dense0, dense1 = net[0].weight, net[1].weight
+
+    def exported():  # layer 0 "exported" (its weight replaced), layer 1 a dense fallback
+        net[0].weight = torch.nn.Parameter(dense0.detach() * 0.5)
+        return Sparse24Plan({}, FallbackChoice(["0"], ["1"], {"0": 1.3, "1": 0.9}), {"0": dense0})
+
+    plan = exported()
+    assert keep_if_faster(net, plan, dense_ms=10.0, sparse_ms=8.0)  # 1.25x: kept
+    assert net[0].weight is not dense0 and plan.choice.sparse == ["0"]
+    assert plan.whole_model_ms == (10.0, 8.0)
+    plan = exported()
+    assert not keep_if_faster(net, plan, dense_ms=10.0, sparse_ms=9.0, min_speedup=1.2)  # 1.11x < 1.2
+    assert net[0].weight is dense0 and net[1].weight is dense1
+    assert plan.choice.sparse == [] and plan.choice.dense == ["0", "1"] and plan.original == {}
+    plan = exported()
+    assert not keep_if_faster(net, plan, dense_ms=10.0, sparse_ms=10.0)  # equal: not faster
+    assert net[0].weight is dense0
+
+
+def test_callback_timing_shape():
+    from callbacks import Sparse24Eval
+
+    assert Sparse24Eval(timing_tokens=4096).timing_shape() == (32, 128)
+    assert Sparse24Eval(timing_tokens=16384).timing_shape() == (128, 128)
+    assert Sparse24Eval(timing_tokens=4096, seq_buckets=[256, 512], batch_buckets=[4, 8]).timing_shape() == (8, 256)
+    assert Sparse24Eval(timing_tokens=100, seq_buckets=[64], batch_buckets=[2, 4]).timing_shape() == (2, 64)
 
 
 def test_prepare_without_a_gpu_names_the_reason():
