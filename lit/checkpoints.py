@@ -31,6 +31,15 @@ def check_checkpoint(path: str | Path, model_class: str | None = None) -> dict:
             checkpoint of another model class.
     """
     path = Path(path)
+    if path.is_dir():
+        from models.dlrm.strategy import META_FILE, is_sharded_checkpoint
+
+        if not is_sharded_checkpoint(path):
+            raise ValueError(f"--ckpt_path {str(path)!r} is a folder but not a sharded "
+                             f"checkpoint (no .metadata and {META_FILE}); give a .ckpt file or "
+                             "a folder written by `python -m lit fit` with torchrec_ddp")
+        return _check_class(path, torch.load(path / META_FILE, map_location="cpu",
+                                             weights_only=True), model_class)
     if not path.is_file():
         raise ValueError(f"--ckpt_path {str(path)!r}: no such file")
     try:
@@ -47,6 +56,10 @@ def check_checkpoint(path: str | Path, model_class: str | None = None) -> dict:
         raise ValueError(f"--ckpt_path {str(path)!r} is a torch file but not a Lightning "
                          "checkpoint (no 'state_dict'); give a .ckpt file written by "
                          "`python -m lit fit`")
+    return _check_class(path, checkpoint, model_class)
+
+
+def _check_class(path: Path, checkpoint: dict, model_class: str | None) -> dict:
     written_by = checkpoint.get(CLASS_KEY)
     if model_class is not None and written_by is not None and written_by != model_class:
         config = path.parent.parent / "config.yaml"

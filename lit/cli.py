@@ -132,6 +132,14 @@ class LitCLI(LightningCLI):
             return
         model = self.config[subcommand].get("model")
         model_class = model.get("class_path") if model is not None else None
+        strategy = self.config[subcommand].get("trainer", {}).get("strategy")
+        from models.dlrm.strategy import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(ckpt_path) and not _is_torchrec_strategy(strategy):
+            sys.stderr.write(f"error: --ckpt_path {ckpt_path!r} is a sharded checkpoint (a DCP "
+                             "folder): load it with --trainer.strategy torchrec_ddp (any "
+                             "--trainer.devices, 1 included)\n")
+            sys.exit(2)
         try:
             checkpoint = check_checkpoint(ckpt_path, resolve_class_path(model_class)
                                           if isinstance(model_class, str) else None)
@@ -153,6 +161,13 @@ class LitCLI(LightningCLI):
         # The user's word beats our default checkpoint; fast_dev_run promises to write none.
         if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        import models.dlrm.strategy  # noqa: F401  (registers --trainer.strategy torchrec_ddp)
+
+        swap = getattr(self.model, "ddp_strategy", None)
+        if swap and config.get("strategy") == "ddp":
+            rank_zero_info(f"[lit] {type(self.model).__name__} shards its own layers: "
+                           f"--trainer.strategy ddp runs as {swap}")
+            config = {**config, "strategy": swap}
         if self.subcommand == "fit":
             resolved = self.config.get(self.subcommand, self.config).as_dict()
             callbacks = [*callbacks, SignalCheckpoint(), RunHparams(flat_hparams(resolved))]
@@ -221,6 +236,19 @@ class LitCLI(LightningCLI):
             last = getattr(ckpt, "last_model_path", "") or ckpt.best_model_path
             if last:
                 rank_zero_info(f"[lit] checkpoint: {last}")
+
+
+def _is_torchrec_strategy(strategy) -> bool:
+    """``torchrec_ddp``, or a class_path/instance of :class:`TorchrecDDPStrategy`."""
+    import models.dlrm.strategy
+
+    if isinstance(strategy, str):
+        return strategy == models.dlrm.strategy.NAME
+    if isinstance(strategy, models.dlrm.strategy.TorchrecDDPStrategy):
+        return True
+    class_path = getattr(strategy, "class_path", None) or (
+        strategy.get("class_path") if isinstance(strategy, dict) else None)
+    return bool(class_path) and class_path.rsplit(".", 1)[-1] == "TorchrecDDPStrategy"
 
 
 def qualify_short_names(args: list[str]) -> list[str]:
