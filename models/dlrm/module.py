@@ -216,6 +216,8 @@ class DLRMModule(LitModule):
         """Batches with their own ``to`` (the CTR batches) copy without blocking the host: the
         loaders pin their memory on a GPU machine, so the copy overlaps the previous step."""
         if hasattr(batch, "sparse_features") and hasattr(batch, "to"):
+            if batch.dense_features.device == device:  # generated on the device: nothing to do
+                return batch
             return batch.to(device, non_blocking=device.type == "cuda")
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

@@ -127,7 +127,7 @@ def test_synthetic_stream_on_cuda_matches_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpu_nccl_fit_validates_and_tests(tmp_path):
+def test_two_gpu_nccl_fit_validates_and_tests_each_sample_once(tmp_path):
     import yaml
 
     from tests.conftest import cli_args, run_lit
@@ -137,14 +137,16 @@ def test_two_gpu_nccl_fit_validates_and_tests(tmp_path):
         "trainer": {"max_epochs": 1, "accelerator": "gpu", "devices": 2,
                     "strategy": {"class_path": "models.dlrm.strategy.TorchrecDDPStrategy"},
                     "enable_progress_bar": False, "num_sanity_val_steps": 0,
-                    "log_every_n_steps": 2},
+                    "log_every_n_steps": 2,
+                    "callbacks": [{"class_path": "tests.models.dlrm.test_dlrm_ddp.DumpIndices",
+                                   "init_args": {"out_dir": str(tmp_path)}}]},
         "model": {"class_path": "models.DLRMModule",
                   "init_args": {"embedding_dim": 8, "num_embeddings": 64,
                                 "dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16]}},
         "data": {"class_path": "datamodules.SyntheticCTR",
                  "init_args": {"batch_size": 64, "train_samples": 64 * 10, "val_samples": 256,
                                "test_samples": 256, "cardinalities": [100, 50, 7, 300],
-                               "num_dense": 3}},
+                               "num_dense": 3, "device": "auto"}},
         "test_after_fit": True,
     }
     path = tmp_path / "nccl.yaml"
@@ -152,3 +154,7 @@ def test_two_gpu_nccl_fit_validates_and_tests(tmp_path):
     proc = run_lit(cli_args("fit", "--config", str(path), tmp_path=tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "test/auroc" in proc.stdout + proc.stderr
+    # Generated on each rank's GPU, still each sample exactly once over both ranks.
+    ranks = [list(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 64 * 5
+    assert sorted(ranks[0] + ranks[1]) == list(range(64 * 10))
