@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.nm_sparsity import export_sparse_24, select_linears
+from models.nm_sparsity import export_sparse_24, select_linears, semi_structured_refusal
 
 DEFAULT_SEQ_BUCKETS = (32, 64, 128, 256, 512)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -241,6 +241,12 @@ def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterabl
     layers = select_linears(module, include, exclude)
     if not layers:
         raise ValueError(f"include: no nn.Linear matches {include!r} (minus {exclude!r})")
+    refusals = {name: why for name, layer in layers.items()
+                if (why := semi_structured_refusal(layer.weight)) is not None}
+    if refusals:
+        lines = "\n".join(f"  {name}: {why}" for name, why in refusals.items())
+        raise ValueError(f"prepare_sparse24: {len(refusals)} layer(s) cannot be exported to 2:4:\n{lines}\n"
+                         f"exclude them (exclude=[...]) or fix them as said")
     if fallback:
         table = linear_timing_table(layers, tokens, alg_search)
         choice = choose_sparse_layers(table, min_speedup)

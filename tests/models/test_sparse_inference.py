@@ -147,8 +147,10 @@ def test_prepare_without_a_gpu_names_the_reason():
     net = tiny_bert()
     with pytest.raises(ValueError, match="include: no nn.Linear"):
         prepare_sparse24(net, ["nothing_matches"], fallback=False)
-    with pytest.raises(ValueError, match="cannot be exported to 2:4"):
-        prepare_sparse24(net, ENCODER, fallback=False)  # fp32, dense, CPU
+    for fallback in (False, True):  # refused before any timing: fp32 weights, not 2:4, on the CPU
+        with pytest.raises(ValueError, match=r"12 layer\(s\) cannot be exported to 2:4") as err:
+            prepare_sparse24(net, ENCODER, fallback=fallback)
+        assert "bert.encoder.layer.0.attention.self.query: needs float16 or bfloat16" in str(err.value)
 
 
 def test_callback_rejects_bad_arguments():
