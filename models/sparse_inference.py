@@ -146,7 +146,7 @@ def graphed_ms(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> 
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for _ in range(calls):
             fn()
     graph.replay()
@@ -407,7 +407,9 @@ class BucketedRunner:
                 self.fn(static_ids, static_mask)
         torch.cuda.current_stream(ids.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread) may go on
+        # during the capture; only this thread's unsafe calls are errors.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.fn(static_ids, static_mask)
         return graph, static_ids, static_mask, out
 
