@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from models.int8 import DEFAULT_INCLUDE
 from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner,
-                                     Sparse24Plan, bucket_for, bucket_ms, check_buckets, hf_forward,
+                                     Sparse24Plan, bucket_for, bucket_ms, cap_buckets, check_buckets, hf_forward,
                                      keep_if_faster, prepare_sparse24, restore_weights, timed_forward)
 
 
@@ -101,20 +101,23 @@ class Sparse24Eval(Callback):
     def _runner(self, pl_module: LightningModule) -> BucketedRunner:
         net = pl_module.net
         pad = getattr(net.config, "pad_token_id", 0) or 0
-        return BucketedRunner(hf_forward(net), self.seq_buckets, self.batch_buckets, pad, self.cuda_graphs)
+        seq_buckets = cap_buckets(self.seq_buckets, net.config.max_position_embeddings)
+        return BucketedRunner(hf_forward(net), seq_buckets, self.batch_buckets, pad, self.cuda_graphs)
 
-    def timing_shape(self) -> tuple[int, int]:
+    def timing_shape(self, max_positions: int | None = None) -> tuple[int, int]:
         """``(batch, seq)`` bucket of the whole-model check: 128-token rows (or the nearest seq
-        bucket) and enough rows for about ``timing_tokens`` tokens, within the buckets."""
-        small = [b for b in self.seq_buckets if b <= 128]
-        seq = small[-1] if small else self.seq_buckets[0]
+        bucket, capped at ``max_positions``) and rows for about ``timing_tokens`` tokens."""
+        seqs = self.seq_buckets if max_positions is None else cap_buckets(self.seq_buckets, max_positions)
+        small = [b for b in seqs if b <= 128]
+        seq = small[-1] if small else seqs[0]
         rows = min(max(1, self.timing_tokens // seq), self.batch_buckets[-1])
         return bucket_for(rows, self.batch_buckets), seq
 
     def _prepare(self, pl_module: LightningModule) -> Sparse24Plan:
         check = self.fallback and self.whole_model_check
-        batch, seq = self.timing_shape()
-        vocab, device = pl_module.net.config.vocab_size, pl_module.device
+        config = pl_module.net.config
+        batch, seq = self.timing_shape(config.max_position_embeddings)
+        vocab, device = config.vocab_size, pl_module.device
         if check:
             dense_ms = bucket_ms(self._runner(pl_module), batch, seq, vocab, device)
         self.plan = plan = prepare_sparse24(pl_module, self.include, self.exclude, tokens=self.timing_tokens,

@@ -36,7 +36,7 @@ from models.nm_sparsity import export_sparse_24, select_linears, semi_structured
 DEFAULT_SEQ_BUCKETS = (32, 64, 128, 256, 512)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-__all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "bucket_for",
+__all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "cap_buckets", "bucket_for",
            "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
            "search_alg_id", "linear_timing_table", "Sparse24Plan", "prepare_sparse24",
            "restore_weights", "keep_if_faster", "bucket_ms", "additive_mask", "hf_forward",
@@ -52,6 +52,11 @@ def check_buckets(values: Iterable[int], field_name: str) -> tuple[int, ...]:
     if not buckets or buckets[0] < 1:
         raise ValueError(f"{field_name}: expected a non-empty list of positive integers, got {values!r}")
     return buckets
+
+
+def cap_buckets(buckets: Sequence[int], limit: int) -> tuple[int, ...]:
+    """Buckets above ``limit`` (e.g. a model's ``max_position_embeddings``) replaced by ``limit``."""
+    return tuple(sorted({min(b, limit) for b in buckets}))
 
 
 def bucket_for(size: int, buckets: Sequence[int], field_name: str = "buckets") -> int:

@@ -12,7 +12,7 @@ import yaml
 
 from models.nm_sparsity import nm_mask, select_linears
 from models.sparse_inference import (BucketedRunner, FallbackChoice, LayerTiming, Sparse24Plan,
-                                     additive_mask, bucket_for, check_buckets, choose_sparse_layers,
+                                     additive_mask, bucket_for, cap_buckets, check_buckets, choose_sparse_layers,
                                      hf_forward, keep_if_faster, pad_to_bucket, prepare_sparse24,
                                      restore_weights)
 
@@ -33,6 +33,7 @@ def tiny_bert(**overrides):
 def test_buckets_hand_worked():
     assert check_buckets([64, 32, 32, 128], "seq_buckets") == (32, 64, 128)
     assert [bucket_for(n, (32, 64, 128)) for n in (1, 32, 33, 128)] == [32, 32, 64, 128]
+    assert cap_buckets((32, 64, 128, 512), 100) == (32, 64, 100)
     with pytest.raises(ValueError, match="seq_buckets: 129 is larger than the largest bucket 128"):
         bucket_for(129, (32, 64, 128), "seq_buckets")
     with pytest.raises(ValueError, match="batch_buckets"):
@@ -141,6 +142,7 @@ def test_callback_timing_shape():
     assert Sparse24Eval(timing_tokens=16384).timing_shape() == (128, 128)
     assert Sparse24Eval(timing_tokens=4096, seq_buckets=[256, 512], batch_buckets=[4, 8]).timing_shape() == (8, 256)
     assert Sparse24Eval(timing_tokens=100, seq_buckets=[64], batch_buckets=[2, 4]).timing_shape() == (2, 64)
+    assert Sparse24Eval(timing_tokens=4096).timing_shape(max_positions=64) == (64, 64)
 
 
 def test_prepare_without_a_gpu_names_the_reason():
