@@ -167,7 +167,7 @@ class SyntheticSource:
     def generate(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Dense ``(B, num_dense)`` float32, ids ``(B, F)`` int64, teacher probability ``(B,)``
         float32 and label ``(B,)`` float32 of the given global sample indices, on ``device``."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
+        idx = self._indices(indices)
         num_dense, cards = self.schema.num_dense, self.schema.cardinalities
         u = uniforms(self.key, idx, num_dense + len(cards) + 1)
         # Log-normal(1, 1.5) counts through the normal's inverse CDF, then Criteo's log(1 + x).
@@ -179,10 +179,23 @@ class SyntheticSource:
         labels = (u[:, -1] < prob.double()).float()
         return dense, ids, prob, labels
 
+    def _indices(self, indices) -> torch.Tensor:
+        """The indices as an int64 tensor on ``device``; a contiguous range (the usual case) is
+        made there, so no host-to-device copy (which would wait for the GPU) is needed."""
+        if isinstance(indices, torch.Tensor):
+            return indices.to(self.device)
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.device.type != "cpu" and len(indices) > 0 and (np.diff(indices) == 1).all():
+            return torch.arange(int(indices[0]), int(indices[-1]) + 1, device=self.device)
+        host = torch.from_numpy(indices)
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def __call__(self, indices: np.ndarray):
-        dense, ids, _prob, labels = self.generate(indices)
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return make_tensor_batch(dense, ids, labels, idx.to(self.device), self.schema.sparse_names)
+        idx = self._indices(indices)
+        dense, ids, _prob, labels = self.generate(idx)
+        return make_tensor_batch(dense, ids, labels, idx, self.schema.sparse_names)
 
     def probability(self, indices: np.ndarray) -> np.ndarray:
         """The teacher's click probability of each sample, as float32 numpy."""

@@ -32,7 +32,8 @@ def test_two_process_gloo_fit_shards_tables_and_samples(tmp_path):
     config = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 2,
-                    "strategy": {"class_path": "models.dlrm.strategy.TorchrecDDPStrategy"},
+                    "strategy": {"class_path": "models.dlrm.strategy.TorchrecDDPStrategy",
+                                 "init_args": {"state_dict_type": "full"}},
                     "enable_progress_bar": False, "num_sanity_val_steps": 0,
                     "callbacks": [{"class_path": "tests.models.dlrm.test_dlrm_ddp.DumpIndices",
                                    "init_args": {"out_dir": str(tmp_path)}}]},
