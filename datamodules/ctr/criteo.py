@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -444,7 +445,9 @@ class CriteoTSV(LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
-        return StreamLoader(self.dataset(split), self.num_workers, self.trainer if train else None)
+        # Pinned host batches on a GPU machine: DLRMModule copies them without blocking.
+        return StreamLoader(self.dataset(split), self.num_workers, self.trainer if train else None,
+                            pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
