@@ -4,6 +4,9 @@ PatchDropout (Liu et al., arXiv 2208.07220) is switched on with ``keep_rate < 1`
 ``keep_rate_schedule: random``): at train time each image keeps a random subset of its patch
 tokens (ViT/DeiT: :mod:`models.patch_dropout`; Swin: the structured rows x columns form of
 :mod:`models.swin_patch_dropout`); validation, test and predict always see every patch.
+
+``compile`` runs the backbone, PatchDropout included, through ``torch.compile``; see
+:func:`compile_backbone`.
 """
 
 from __future__ import annotations
@@ -17,13 +20,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup, resolve_model_data_config
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from typing_extensions import override
 
 import models.timm_tiny  # noqa: F401  (registers the 28x28 models)
 from lit.module import decay_groups, default_optimizer
 from models.classifier import ClassifierModule
-from models.patch_dropout import install_patch_dropout
-from models.swin_patch_dropout import install_swin_patch_dropout
+from models.patch_dropout import PatchDropout, install_patch_dropout, keep_count
+from models.swin_patch_dropout import SwinPatchDropout, install_swin_patch_dropout, kept_window_size
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Graphs one compiled backbone may hold: the random schedule's 11 keep counts, eval, a last
+# partial batch in each; torch's default (8) would send the rest back to eager.
+RECOMPILE_LIMIT = 32
 
 
 def build_backbone(backbone: str | nn.Module, num_classes: int, in_chans: int, img_size: int | None,
@@ -68,6 +78,54 @@ def create_timm_model(name: str, num_classes: int, in_chans: int, img_size: int 
                          f"`python -c \"import timm; print(timm.list_models('*deit*'))\"`") from err
 
 
+def compile_backbone(model: nn.Module, mode: bool | str = True, backend: str = "inductor",
+                     dynamic: bool = False) -> nn.Module:
+    """``torch.compile`` ``model`` in place (``nn.Module.compile``) and return it.
+
+    In place, so the state dict keeps its keys (no ``_orig_mod.`` prefix) and checkpoints load
+    with and without compile. PatchDropout traces as part of the graph: its keep rate must be a
+    plain number drawn before the call (``layer.draw()``, as :class:`ImageClassifier` does), so
+    each distinct keep count is one specialised graph (``dynamic=False``, the default): a fixed
+    keep rate compiles one training graph, the random schedule at most 11, and eval (every patch)
+    one more; the recompile limit is raised to hold them all. ``mode``: ``True`` or a
+    ``torch.compile`` mode; ``backend``: ``"inductor"``, or ``"aot_eager"`` / ``"eager"`` to
+    check tracing without code generation (fast on a CPU).
+    """
+    if mode is False:
+        return model
+    if mode is not True and mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be false, true or one of {COMPILE_MODES}, got {mode!r}")
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    kwargs: dict = {"backend": backend, "dynamic": dynamic}
+    if mode is not True and mode != "default" and backend == "inductor":
+        kwargs["mode"] = mode
+    model.compile(**kwargs)
+    return model
+
+
+def draw_patch_dropout(model: nn.Module, image_hw: tuple[int, int]) -> float | None:
+    """Draw the keep rate of the next training step of ``model``'s PatchDropout (outside any
+    compiled region) and record ``last_keep_rate`` / ``last_tokens`` as the eager layer would;
+    ``None`` when ``model`` has no PatchDropout."""
+    layer = getattr(model, "patch_drop", None)
+    if not isinstance(layer, (PatchDropout, SwinPatchDropout)):
+        return None
+    rate = layer.draw()
+    patch = model.patch_embed.patch_size
+    patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+    grid = (image_hw[0] // patch[0], image_hw[1] // patch[1])
+    if isinstance(layer, SwinPatchDropout):
+        n, w = kept_window_size(rate, layer.window), layer.window
+        tokens = grid[0] * grid[1] if n >= w else (grid[0] // w * n) * (grid[1] // w * n)
+    else:
+        tokens = min(keep_count(grid[0] * grid[1], rate), grid[0] * grid[1])
+    layer.last_keep_rate, layer.last_tokens = rate, tokens
+    return rate
+
+
 def example_images(model: nn.Module) -> torch.Tensor:
     """One zero image ``(1, C, H, W)`` of the size ``model`` takes (for the model summary's FLOPs)."""
     embed = getattr(model, "patch_embed", None)
@@ -97,6 +155,14 @@ class ImageClassifier(ClassifierModule):
         mixup_alpha, cutmix_alpha: timm Mixup / CutMix strengths; 0 (the default) is off.
         throughput_every_n_steps: log ``train/images_per_s`` over windows of this many steps
             (synchronising the GPU once per window, so the number includes data loading).
+        compile: ``torch.compile`` the backbone with PatchDropout inside: ``false`` (eager),
+            ``true`` (default mode) or a mode (``"reduce-overhead"`` = CUDA graphs,
+            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``). One graph per keep count
+            (the random schedule: at most 11) plus one for eval; the state dict is unchanged.
+        compile_backend: ``"inductor"`` (code generation), or ``"aot_eager"`` / ``"eager"`` to
+            trace only (checks the graph quickly on a CPU).
+        compile_dynamic: ``torch.compile(dynamic=...)``; ``false`` specialises each keep count
+            and batch size (fastest kernels), ``true`` makes shapes symbolic.
         optimizer, lr_scheduler, lr_scheduler_interval: see :class:`lit.module.LitModule`.
 
     Logged at train time: ``train/loss``, ``train/acc``, ``train/images_per_s``,
@@ -120,6 +186,9 @@ class ImageClassifier(ClassifierModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         throughput_every_n_steps: int = 20,
+        compile: bool | CompileMode = False,
+        compile_backend: str = "inductor",
+        compile_dynamic: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
@@ -141,9 +210,19 @@ class ImageClassifier(ClassifierModule):
         self.throughput_every_n_steps = throughput_every_n_steps
         self._window_start: float | None = None
         self._window_images = 0
+        self.compiled = compile is not False
+        compile_backbone(net, compile, compile_backend, compile_dynamic)
 
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        if not self.compiled:
+            return self.backbone(images)
+        if _get_current_dispatch_mode() is not None:
+            # Under a dispatch mode (the model summary's FLOP counter): eager, so that counting
+            # compiles nothing; `_call_impl` is the module call without the compiled wrapper.
+            return self.backbone._call_impl(images)
+        if self.training:
+            draw_patch_dropout(self.backbone, tuple(images.shape[-2:]))
         return self.backbone(images)
 
     @override
@@ -184,6 +263,15 @@ class ImageClassifier(ClassifierModule):
             if self._window_start is not None:
                 self.log("train/images_per_s", self._window_images / max(now - self._window_start, 1e-9))
             self._window_start, self._window_images = now, 0
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints of a `torch.compile(module)` wrapper carry `_orig_mod.` in their keys;
+        # this module's own keys never do (compile is in place), so strip it.
+        state = checkpoint.get("state_dict")
+        if state and any("._orig_mod." in key or key.startswith("_orig_mod.") for key in state):
+            checkpoint["state_dict"] = {key.replace("_orig_mod.", ""): value for key, value in state.items()}
+        super().on_load_checkpoint(checkpoint)
 
     @override
     def on_train_epoch_start(self) -> None:

@@ -99,12 +99,30 @@ class PatchDropout(nn.Module):
         self.last_keep_rate = 1.0
         self.last_tokens: int | None = None
         self.last_indices: torch.Tensor | None = None
+        self.step_keep_rate: float | None = None
+
+    def draw(self) -> float:
+        """Fix the next training forwards' keep rate (the schedule's draw) and return it.
+
+        For ``torch.compile``: call it outside the compiled region before each training step,
+        so that the compiled forward reads a plain number (one graph per distinct keep count,
+        no graph break on the draw). Without a call, each training forward draws its own rate.
+        """
+        rate = sample_keep_rate() if self.schedule == "random" else self.keep_rate
+        self.step_keep_rate = rate
+        return rate
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P + L, D) -> (B, P + k, D)
         if not self.training:
             return x
-        self.last_keep_rate = sample_keep_rate() if self.schedule == "random" else self.keep_rate
+        if torch.compiler.is_compiling():
+            # Traced: no draw and no Python-side bookkeeping, so the graph is one piece; the
+            # caller has set `step_keep_rate` (see `draw`) and records `last_*` itself.
+            rate = self.keep_rate if self.step_keep_rate is None else self.step_keep_rate
+            return patch_dropout(x, rate, self.num_prefix_tokens, self.ordered)[0]
+        self.last_keep_rate = self.step_keep_rate if self.step_keep_rate is not None else \
+            (sample_keep_rate() if self.schedule == "random" else self.keep_rate)
         x, self.last_indices = patch_dropout(x, self.last_keep_rate, self.num_prefix_tokens, self.ordered)
         self.last_tokens = x.shape[1] - self.num_prefix_tokens
         return x

@@ -184,7 +184,8 @@ def swin_features_dropped(model: SwinTransformer, images: torch.Tensor, rows: to
             shift = (win[0] // 2 if shifted and height > win[0] else 0,
                      win[1] // 2 if shifted and width > win[1] else 0)
             x = window_block_forward(block, x, win, shift, index_cache[table])
-    model.patch_drop.last_stage_tokens = stage_tokens
+    if not torch.compiler.is_compiling():
+        model.patch_drop.last_stage_tokens = stage_tokens
     return model.norm(x)
 
 
@@ -206,11 +207,24 @@ class SwinPatchDropout(nn.Module):
         self.last_keep_rate = 1.0
         self.last_tokens: int | None = None
         self.last_stage_tokens: list[int] = []
+        self.step_keep_rate: float | None = None
+
+    def draw(self) -> float:
+        """Fix the next training forwards' keep rate (the schedule's draw) and return it; see
+        :meth:`models.patch_dropout.PatchDropout.draw` (call it outside a compiled region)."""
+        rate = sample_keep_rate() if self.schedule == "random" else self.keep_rate
+        self.step_keep_rate = rate
+        return rate
 
     def sample(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows and columns for this training step, or ``None`` when every position is kept."""
-        self.last_keep_rate = sample_keep_rate() if self.schedule == "random" else self.keep_rate
-        n = kept_window_size(self.last_keep_rate, self.window)
+        if torch.compiler.is_compiling():  # traced: the rate was drawn outside (see `draw`)
+            rate = self.keep_rate if self.step_keep_rate is None else self.step_keep_rate
+        else:
+            rate = self.step_keep_rate if self.step_keep_rate is not None else \
+                (sample_keep_rate() if self.schedule == "random" else self.keep_rate)
+            self.last_keep_rate = rate
+        n = kept_window_size(rate, self.window)
         if n >= self.window:
             return None
         return sample_rows_cols(batch, self.window, n, device)
@@ -232,12 +246,15 @@ class PatchDropoutSwinTransformer(SwinTransformer):
     @override
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         selection = self.patch_drop.sample(x.shape[0], x.device) if self.training else None
+        traced = torch.compiler.is_compiling()  # no bookkeeping in a compiled graph
         if selection is None:
-            patch = to_2tuple(self.patch_embed.patch_size)
-            self.patch_drop.last_tokens = (x.shape[-2] // patch[0]) * (x.shape[-1] // patch[1])
+            if not traced:
+                patch = to_2tuple(self.patch_embed.patch_size)
+                self.patch_drop.last_tokens = (x.shape[-2] // patch[0]) * (x.shape[-1] // patch[1])
             return super().forward_features(x)
         out = swin_features_dropped(self, x, *selection)
-        self.patch_drop.last_tokens = self.patch_drop.last_stage_tokens[0]
+        if not traced:
+            self.patch_drop.last_tokens = self.patch_drop.last_stage_tokens[0]
         return out
 
 

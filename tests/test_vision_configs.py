@@ -31,7 +31,8 @@ def test_there_are_configs_for_each_family() -> None:
     names = {p.stem for p in VISION}
     assert {"deit_tiny_patchdropout_224", "deit_small_patchdropout_224", "deit_base_patchdropout_224",
             "swin_tiny_patchdropout_224", "deit_small_patchdropout_448", "swin_tiny_patchdropout_448",
-            "fmnist_deit_tiny_patchdropout", "fmnist_swin_tiny_patchdropout"} <= names
+            "fmnist_deit_tiny_patchdropout", "fmnist_swin_tiny_patchdropout",
+            "deit_base_patchdropout_224_compiled"} <= names
 
 
 @pytest.mark.parametrize("config", VISION, ids=lambda p: p.stem)
@@ -88,12 +89,15 @@ def tiny_run(tmp_path, config: str, *overrides: str):
                  *overrides])
 
 
-@pytest.mark.parametrize("config, backbone, size, tokens", [
-    ("deit_small_patchdropout_224.yaml", "deit_fmnist_tiny_patch4_28", 16, 8),  # 16 patches, keep 0.5
-    ("swin_tiny_patchdropout_224.yaml", "swin_fmnist_tiny_patch2_window7_28", 28, 36),  # n = 3 of 7
+@pytest.mark.parametrize("config, backbone, size, tokens, extra", [
+    ("deit_small_patchdropout_224.yaml", "deit_fmnist_tiny_patch4_28", 16, 8, ()),  # 16 patches, keep 0.5
+    ("swin_tiny_patchdropout_224.yaml", "swin_fmnist_tiny_patch2_window7_28", 28, 36, ()),  # n = 3 of 7
+    # compile: true from the YAML; the trace-only backend keeps it a CPU test of a few seconds
+    ("deit_base_patchdropout_224_compiled.yaml", "deit_fmnist_tiny_patch4_28", 16, 8,
+     ("--model.init_args.compile_backend=eager",)),
 ])
-def test_imagefolder_family_trains(tmp_path, photo_folder, config, backbone, size, tokens) -> None:
-    cli = tiny_run(tmp_path, config, f"--model.init_args.backbone={backbone}",
+def test_imagefolder_family_trains(tmp_path, photo_folder, config, backbone, size, tokens, extra) -> None:
+    cli = tiny_run(tmp_path, config, *extra, f"--model.init_args.backbone={backbone}",
                    f"--model.init_args.img_size={size}", "--model.init_args.num_classes=2",
                    "--model.init_args.in_chans=3",
                    f"--data.init_args.data_dir={photo_folder}", f"--data.init_args.image_size={size}",
@@ -102,6 +106,7 @@ def test_imagefolder_family_trains(tmp_path, photo_folder, config, backbone, siz
     kept = layer.last_stage_tokens[0] if "swin" in backbone else layer.last_tokens
     assert kept == tokens and layer.last_keep_rate == 0.5
     assert np.isfinite(cli.trainer.callback_metrics["test/loss"].item())  # fit, then test
+    assert cli.model.compiled == ("compiled" in config)
 
 
 @needs_fmnist
