@@ -295,18 +295,17 @@ def keep_if_faster(module: nn.Module, plan: Sparse24Plan, dense_ms: float, spars
 
 def bucket_ms(runner: BucketedRunner, batch: int, seq: int, vocab_size: int, device: torch.device | str,
               iters: int = 10) -> float:
-    """Median milliseconds of ``runner`` on a random ``(batch, seq)`` batch (graph captured first)."""
+    """Median milliseconds of ``runner`` on a random unpadded ``(batch, seq)`` batch (graph captured first)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab_size, (batch, seq), generator=gen).to(device)
-    mask = torch.ones_like(ids)
     for _ in range(3):
-        runner(ids, mask)
+        runner(ids)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        runner(ids, mask)
+        runner(ids)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -323,12 +322,16 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (1.0 - keep) * torch.finfo(dtype).min
 
 
-def hf_forward(net: nn.Module, output: str = "logits") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def hf_forward(net: nn.Module, output: str = "logits"
+               ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``fn(input_ids, attention_mask)`` -> ``net(...).<output>`` of a transformers encoder, with
-    the mask passed as :func:`additive_mask` in the dtype of ``net``'s embeddings."""
+    the mask passed as :func:`additive_mask` in the dtype of ``net``'s embeddings (or no mask
+    when ``attention_mask`` is ``None``: every position attends)."""
     dtype = net.get_input_embeddings().weight.dtype
 
-    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:  # every position attends: no mask at all
+            return getattr(net(input_ids=input_ids), output)
         return getattr(net(input_ids=input_ids, attention_mask=additive_mask(attention_mask, dtype)), output)
 
     return fn
@@ -350,18 +353,22 @@ class BucketedRunner:
         seq_buckets, batch_buckets: bucket sizes (sorted and de-duplicated here).
         pad_token_id: id written into padded positions.
         cuda_graphs: capture graphs on CUDA inputs.
+        drop_full_mask: call ``fn(ids, None)`` when the batch fills its bucket and its mask (if
+            any) is all ones (a graph of its own; transformers then passes no mask to SDPA,
+            which may use its faster flash kernel). ``fn`` must accept ``None`` as the mask.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
                  seq_buckets: Iterable[int] = DEFAULT_SEQ_BUCKETS,
                  batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS,
-                 pad_token_id: int = 0, cuda_graphs: bool = True) -> None:
+                 pad_token_id: int = 0, cuda_graphs: bool = True, drop_full_mask: bool = True) -> None:
         self.fn = fn
         self.seq_buckets = check_buckets(seq_buckets, "seq_buckets")
         self.batch_buckets = check_buckets(batch_buckets, "batch_buckets")
         self.pad_token_id = pad_token_id
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, tuple] = {}  # (batch, seq, device) -> (graph, ids, mask, out)
+        self.drop_full_mask = drop_full_mask
+        self._graphs: dict[tuple, tuple] = {}  # (batch, seq, full, device) -> (graph, ids, mask, out)
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory)."""
@@ -370,7 +377,7 @@ class BucketedRunner:
     @property
     def captured(self) -> list[tuple[int, int]]:
         """The ``(batch, seq)`` buckets with a graph."""
-        return [(b, t) for b, t, _ in self._graphs]
+        return [(b, t) for b, t, _, _ in self._graphs]
 
     def bucket(self, batch: int, seq: int) -> tuple[int, int]:
         return (bucket_for(batch, self.batch_buckets, "batch_buckets"),
@@ -392,19 +399,26 @@ class BucketedRunner:
         b, t = input_ids.shape
         batch, seq = self.bucket(b, t)
         ids, mask = pad_to_bucket(input_ids, attention_mask, batch, seq, self.pad_token_id)
+        if self.drop_full_mask:
+            # Nothing padded: no mask at all (SDPA may then take its flash kernel). Only a given
+            # mask needs a look at its values (one host synchronisation).
+            exact = (b, t) == (batch, seq)
+            full = exact if attention_mask is None else exact and bool(attention_mask.all())
+            mask = None if full else mask
         if not (self.cuda_graphs and ids.is_cuda):
             return self.fn(ids, mask)[:b]
-        key = (batch, seq, ids.device)
+        key = (batch, seq, mask is None, ids.device)
         if key not in self._graphs:
             self._graphs[key] = self._capture(ids, mask)
         graph, static_ids, static_mask, out = self._graphs[key]
         static_ids.copy_(ids)
-        static_mask.copy_(mask)
+        if static_mask is not None:
+            static_mask.copy_(mask)
         graph.replay()
         return out[:b].clone()
 
-    def _capture(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
-        static_ids, static_mask = ids.clone(), mask.clone()
+    def _capture(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+        static_ids, static_mask = ids.clone(), None if mask is None else mask.clone()
         stream = torch.cuda.Stream(device=ids.device)
         stream.wait_stream(torch.cuda.current_stream(ids.device))
         with torch.cuda.stream(stream):  # warm-up: library handles, plans, workspaces

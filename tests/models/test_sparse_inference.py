@@ -87,6 +87,31 @@ def test_bucketed_runner_predictions_equal_the_unpadded_model():
         runner(torch.ones(1, 40, dtype=torch.long))
 
 
+def test_a_batch_that_fills_its_bucket_runs_without_a_mask():
+    net = tiny_bert()
+    seen = []
+    forward = hf_forward(net)
+
+    def fn(i, m):
+        seen.append(None if m is None else m.tolist())
+        return forward(i, m)
+
+    runner = BucketedRunner(fn, seq_buckets=[8], batch_buckets=[2])
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = net(input_ids=ids).logits
+        torch.testing.assert_close(runner(ids), reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner(ids, torch.ones_like(ids)), reference, atol=1e-5, rtol=1e-5)
+        mask = torch.ones_like(ids)
+        mask[0, 5:] = 0
+        runner(ids, mask)  # a zero in the mask: the mask is passed
+        runner(ids[:1])  # fewer rows than the bucket: padded, so masked
+    assert seen[:2] == [None, None]
+    assert seen[2] == mask.tolist()
+    assert seen[3] == [[1] * 8, [1] + [0] * 7]
+    assert BucketedRunner(fn, [8], [2], drop_full_mask=False)(ids) is not None and seen[4] == [[1] * 8] * 2
+
+
 def test_additive_mask_hand_worked():
     bias = additive_mask(torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.bfloat16)
     low = torch.finfo(torch.bfloat16).min
