@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -409,7 +410,18 @@ class BucketedRunner:
             return self.fn(ids, mask)[:b]
         key = (batch, seq, mask is None, ids.device)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(ids, mask)
+            try:
+                self._graphs[key] = self._capture(ids, mask)
+            except RuntimeError as err:
+                if mask is not None:
+                    raise
+                # Some transformers versions look at the ids when no mask is given (a padding
+                # warning): a host synchronisation that a graph cannot capture. Masked graphs only.
+                warnings.warn(f"BucketedRunner: the model cannot be captured without a mask ({err}); "
+                              f"running every batch with its mask (drop_full_mask=False)", stacklevel=2)
+                self.drop_full_mask = False
+                torch.cuda.synchronize(ids.device)
+                return self._run(input_ids, attention_mask)
         graph, static_ids, static_mask, out = self._graphs[key]
         static_ids.copy_(ids)
         if static_mask is not None:
