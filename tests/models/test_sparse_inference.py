@@ -251,6 +251,9 @@ def test_graphed_24_logits_equal_eager_24_logits():
         torch.testing.assert_close(out, expected, atol=1e-3, rtol=1.6e-2)
         ids, mask = ids.flip(0), mask.flip(0)
         expected = eager(ids, mask)
+    full = torch.randint(1, 1000, (32, 128), device="cuda")  # fills the bucket: the unmasked graph
+    torch.testing.assert_close(graphed(full), eager(full), atol=1e-3, rtol=1.6e-2)
+    assert sorted(graphed.captured) == [(32, 128), (32, 128)]
     restore_weights(net, plan)
     assert all(type(m.weight) is torch.nn.Parameter and m.weight.layout == torch.strided
                and not hasattr(m.weight, "packed") for m in select_linears(net, ENCODER).values())
