@@ -237,7 +237,7 @@ class DLRMModule(LitModule):
         # Accumulated on the device: no host sync and no host-to-device copy per step.
         if self._loss_sum.device != detached.device:
             self._loss_sum = self._loss_sum.to(detached.device)
-        self._loss_sum += detached.double() * size
+        self._loss_sum.add_(detached, alpha=size)  # one kernel (float64 += float32 x size)
         self._loss_count += size
         if self._should_log():
             # Throughput since the previous logged step (data loading included), and the loss:
