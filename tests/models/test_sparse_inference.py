@@ -251,9 +251,6 @@ def test_graphed_24_logits_equal_eager_24_logits():
         torch.testing.assert_close(out, expected, atol=1e-3, rtol=1.6e-2)
         ids, mask = ids.flip(0), mask.flip(0)
         expected = eager(ids, mask)
-    full = torch.randint(1, 1000, (32, 128), device="cuda")  # fills the bucket: the unmasked graph
-    torch.testing.assert_close(graphed(full), eager(full), atol=1e-3, rtol=1.6e-2)
-    assert sorted(graphed.captured) == [(32, 128), (32, 128)]
     restore_weights(net, plan)
     assert all(type(m.weight) is torch.nn.Parameter and m.weight.layout == torch.strided
                and not hasattr(m.weight, "packed") for m in select_linears(net, ENCODER).values())
@@ -355,3 +352,19 @@ def test_sparse24_eval_callback_tests_and_predicts_through_lightning():
     assert torch.cat(predictions).shape == (40,)
     assert module.inference_runner is None
     assert all(not hasattr(m.weight, "packed") for m in select_linears(module, ENCODER).values())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_full_bucket_is_captured_without_a_mask():
+    net = pruned_bert_cuda()
+    prepare_sparse24(net, ENCODER, fallback=False)
+    eager = BucketedRunner(hf_forward(net), [128], [32], cuda_graphs=False)
+    graphed = BucketedRunner(hf_forward(net), [128], [32])
+    full = torch.randint(1, 1000, (32, 128), device="cuda")  # fills the bucket: the unmasked graph
+    out = graphed(full)
+    torch.testing.assert_close(out, eager(full), atol=1e-3, rtol=1.6e-2)
+    assert graphed.drop_full_mask and graphed.captured == [(32, 128)]  # no fallback to masked graphs
+    ids, mask = ragged_batch(batch=32, seq=128)  # padded: the masked graph of the same bucket
+    torch.testing.assert_close(graphed(ids, mask), eager(ids, mask), atol=1e-3, rtol=1.6e-2)
+    assert graphed.captured == [(32, 128), (32, 128)]
