@@ -31,7 +31,7 @@ bench() {  # bench LIMIT_S ARGS...
   echo
   echo "## Benchmark: python3 benchmarks/bench_vision.py $*"
   local start=$(date +%s)
-  timeout "$limit" python3 benchmarks/bench_vision.py "$@" || echo "benchmark exited with $?"
+  timeout -k 20 "$limit" python3 benchmarks/bench_vision.py "$@" || echo "benchmark exited with $?"
   echo "benchmark: $(( $(date +%s) - start )) s"
 }
 
