@@ -18,14 +18,19 @@ case "$MODE" in
   *) echo "usage: $0 smoke|full" >&2; exit 2 ;;
 esac
 
+python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+
 echo "## GPU tests (2:4 export, CUDA-graphed inference, Sparse24Eval)"
 start=$(date +%s)
+tests_rc=0
 python3 -m pytest -m gpu tests/models/test_sparse_inference.py tests/models/test_nm_sparsity.py \
-  -q -x -p no:cacheprovider || echo "GPU tests FAILED (exit $?): the benchmark runs anyway"
-echo "tests: $(( $(date +%s) - start )) s"
+  -q -x -p no:cacheprovider -rA || tests_rc=$?
+echo "tests: exit $tests_rc, $(( $(date +%s) - start )) s (the benchmark runs either way)"
 
 echo
 echo "## Benchmark: python3 benchmarks/bench_sparse24.py ${BENCH_ARGS[*]+${BENCH_ARGS[*]}}"
 start=$(date +%s)
-python3 benchmarks/bench_sparse24.py ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || echo "benchmark exited with $?"
-echo "benchmark: $(( $(date +%s) - start )) s"
+bench_rc=0
+python3 benchmarks/bench_sparse24.py ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || bench_rc=$?
+echo "benchmark: exit $bench_rc, $(( $(date +%s) - start )) s"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
