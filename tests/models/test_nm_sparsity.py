@@ -116,6 +116,7 @@ def test_export_refuses_and_leaves_the_model_untouched():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (2:4 kernels)")
 def test_export_sparse_24_matches_dense_on_gpu():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().bfloat16().eval()
