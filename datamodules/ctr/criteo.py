@@ -142,34 +142,97 @@ def open_text(path: str | Path):
 
 
 class _Lines:
-    """All lines of several files as one stream, with position, skipping and file:line."""
+    """All lines of several files as one stream, with position, skipping and file:line.
+
+    Files are read as bytes in large blocks: skipping counts newlines in each block (C speed,
+    nothing decoded or split), and taking splits off only the lines taken. A last line without
+    a newline is a line like the others.
+    """
+
+    BLOCK = 1 << 20
 
     def __init__(self, files: list[str]) -> None:
         self.files = files
         self.pos = 0
-        self._it = self._generate()
+        self._index = -1
+        self._f = None
+        self._path = ""
+        self._number = 0  # lines of the current file consumed so far
+        self._buf = b""
+        self._eof = True
 
-    def _generate(self) -> Iterator[tuple[str, int, bytes]]:
-        for path in self.files:
-            number = 0
-            try:
-                with open_text(path) as f:
-                    for number, text in enumerate(f, start=1):
-                        yield path, number, text
-            except (OSError, EOFError) as err:  # truncated gzip
-                raise ValueError(f"{path}: unreadable after line {number} ({err}); the file is "
-                                 "damaged or truncated: download or decompress it again, or "
-                                 "remove it from the list") from err
+    def _open_next(self) -> bool:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._index += 1
+        if self._index >= len(self.files):
+            return False
+        self._path = self.files[self._index]
+        self._f, self._number, self._buf, self._eof = open_text(self._path), 0, b"", False
+        return True
+
+    def _fill(self) -> bool:
+        """Append a block of the current file to the buffer; False when the file is used up."""
+        if self._eof:
+            return False
+        try:
+            block = self._f.read1(self.BLOCK)  # what one underlying read gives (a damaged
+            # gzip fails where the damage is, not a block early)
+        except (OSError, EOFError) as err:  # truncated gzip
+            raise ValueError(f"{self._path}: unreadable after line {self._number} ({err}); the "
+                             "file is damaged or truncated: download or decompress it again, "
+                             "or remove it from the list") from err
+        if block:
+            self._buf += block
+            return True
+        self._eof = True
+        if self._buf:  # a last line without its newline
+            self._buf += b"\n"
+            return True
+        return False
+
+    def _current(self) -> bool:
+        """True while a file is open with data left (opening the next one as needed)."""
+        while True:
+            if self._f is not None and (self._buf or self._fill()):
+                return True
+            if not self._open_next():
+                return False
 
     def skip_to(self, target: int) -> bool:
         """Advance to line ``target``; False if the stream ends first."""
-        if target > self.pos:
-            skipped = sum(1 for _ in islice(self._it, target - self.pos))
-            self.pos += skipped
+        while self.pos < target and self._current():
+            need = target - self.pos
+            count = self._buf.count(b"\n")
+            if count >= need:
+                self._buf = self._buf.split(b"\n", need)[-1]
+                self.pos, self._number = self.pos + need, self._number + need
+                break
+            if count:
+                self._buf = self._buf[self._buf.rfind(b"\n") + 1:]
+                self.pos, self._number = self.pos + count, self._number + count
+            if not self._fill():
+                self._buf = b""
+                self._open_next_or_end()
         return self.pos == target
 
+    def _open_next_or_end(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
     def take(self, count: int) -> list[tuple[str, int, bytes]]:
-        lines = list(islice(self._it, count))
+        lines: list[tuple[str, int, bytes]] = []
+        while len(lines) < count and self._current():
+            parts = self._buf.split(b"\n", count - len(lines))
+            complete, self._buf = parts[:-1], parts[-1]
+            first = self._number
+            lines += [(self._path, first + i, text + b"\n") for i, text in enumerate(complete, 1)]
+            self._number += len(complete)
+            if len(lines) < count and not self._fill():
+                self._buf = b""
+                self._open_next_or_end()
         self.pos += len(lines)
         return lines
 

@@ -230,3 +230,25 @@ def test_bulk_parser_agrees_with_the_line_parser_and_defers_malformed_lines():
     for bad in (b"2" + good[1:], b"\t" + good[2:], good.replace(b"\t", b"\tz", 1),
                 good.replace(b"\t", b"", 1), good[:-1], good.replace(b"\t", b"\t-", 1)[:0] + b"1\t-\t" + good.split(b"\t", 2)[2]):
         assert parse_lines_fast(lines[:3] + [bad]) is None, bad
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
+def test_block_line_reader_skips_and_takes_across_blocks_and_files(tmp_path, block, monkeypatch):
+    """Skipping counts newlines in blocks and taking splits lines off them: against the files'
+    own lines (a last line without a newline included), for any block size, across files."""
+    from datamodules.ctr.criteo import _Lines
+
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv.gz"
+    a.write_bytes(b"l0\nline1\n\nl3 long line\nl4")  # 5 lines, the last without a newline
+    b.write_bytes(gzip.compress(b"m0\nm1\nm2\n"))
+    expected = [(str(a), 1, b"l0\n"), (str(a), 2, b"line1\n"), (str(a), 3, b"\n"),
+                (str(a), 4, b"l3 long line\n"), (str(a), 5, b"l4\n"),
+                (str(b), 1, b"m0\n"), (str(b), 2, b"m1\n"), (str(b), 3, b"m2\n")]
+    monkeypatch.setattr(_Lines, "BLOCK", block)
+    for start in range(9):
+        for count in (1, 2, 5):
+            lines = _Lines([str(a), str(b)])
+            assert lines.skip_to(start) == (start <= 8)
+            assert lines.take(count) == expected[start:start + count]
+            assert lines.pos == min(start + count, 8)
+    assert not _Lines([str(a)]).skip_to(6)
