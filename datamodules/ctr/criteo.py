@@ -8,8 +8,9 @@ shift of the dense values). Binary files are torchrec's preprocessed ``day_N_{de
 (dense already log-transformed by torchrec's script: taken as stored; sparse ids hashed here).
 
 Every line is read by exactly one DataLoader worker of one DDP rank (:mod:`datamodules.ctr.sharding`):
-text readers scan the whole stream as bytes (cheap) and parse only their own global batches
-(the cost; in bulk with numpy), so throughput grows with DataLoader workers. Malformed lines either stop the run
+text readers scan the whole stream as bytes (a newline count per block for the lines of other
+readers) and parse only their own global batches (the cost; in bulk with numpy), so throughput
+grows with DataLoader workers. Malformed lines either stop the run
 with ``file:line`` (``on_malformed: error``) or are skipped, counted and reported per reader
 (``on_malformed: count``); they are never dropped silently.
 
