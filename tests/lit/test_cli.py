@@ -28,7 +28,8 @@ def config_kind(path: Path) -> str:
 RECIPES = [p for p in ALL_CONFIGS if config_kind(p) == "recipe"]
 OVERLAYS = [p for p in ALL_CONFIGS if config_kind(p) == "overlay"]
 # The recipe each overlay is documented with (its header's command).
-OVERLAY_BASE = {"bert/int8_eval.yaml": "bert/minilm_dense.yaml"}
+OVERLAY_BASE = {"bert/int8_eval.yaml": "bert/minilm_dense.yaml",
+                "bert/sparse24_inference.yaml": "bert/minilm_2to4_oneshot.yaml"}
 
 
 @pytest.mark.parametrize("config", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
