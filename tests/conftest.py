@@ -31,7 +31,7 @@ def cli_args(*args: str, tmp_path: Path | None = None) -> list[str]:
 def run_lit(args: list[str], cwd: Path = ROOT, timeout: int = 240,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m lit ARGS`` in a real subprocess; fail the test with its output on error."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "lit", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
