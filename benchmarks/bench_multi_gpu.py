@@ -16,7 +16,7 @@ For DLRM the table adds the bytes one rank sends per step through all-to-all (id
 embeddings out, their gradients back; torchrec's fp32 default) and the time NCCL needs for them
 at the all-to-all bandwidth measured in the same run: the step's communication floor.
 
-    python benchmarks/bench_multi_gpu.py                    # needs 2 GPUs; about 5 minutes
+    python benchmarks/bench_multi_gpu.py                    # needs 2 GPUs; about 4 minutes
     python benchmarks/bench_multi_gpu.py --workloads dlrm_tw,dlrm_rw --rows 2000000
 """
 
@@ -81,7 +81,7 @@ def build(workload: str, rows: int):
         from models.image_classifier import ImageClassifier
 
         module = ImageClassifier(backbone="deit_base_patch16_224", num_classes=1000, keep_rate=0.5,
-                                 throughput_every_n_steps=0,
+                                 throughput_every_n_steps=1000,
                                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True))
         return module, lambda d: (torch.randn(128, 3, 224, 224, device=d),
                                   torch.randint(0, 1000, (128,), device=d)), 128, "ddp", "bf16-mixed"
@@ -193,33 +193,56 @@ def main() -> None:
     if torch.cuda.device_count() < 2:
         sys.exit("bench_multi_gpu: needs 2 CUDA GPUs")
     env = {**os.environ, **NCCL_ENV, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    workloads = args.workloads.split(",")
+    # 1-GPU baselines two at a time, one per GPU (separate GPUs do not share SMs or memory); at
+    # world size 1 row- and table-wise are the same single shard, so DLRM runs once.
+    baselines = list(dict.fromkeys("dlrm_tw" if w.startswith("dlrm") else w for w in workloads))
+    jobs = [(w, 1, str(i % 2)) for i, w in enumerate(baselines)] + [(w, 2, "0,1") for w in workloads]
     results: dict = {}
-    for workload in args.workloads.split(","):
-        for devices in (1, 2):
-            out = Path(f"/tmp/bench_multi_gpu_{workload}_{devices}.json")
-            out.unlink(missing_ok=True)
-            started = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--worker", workload, "--devices",
-                                   str(devices), "--json", str(out), "--rows", str(args.rows),
-                                   "--warmup", str(args.warmup), "--steps", str(args.steps)],
-                                  env=env, capture_output=True, text=True, timeout=900)
-            wall = time.perf_counter() - started
-            if proc.returncode != 0 or not out.is_file():
-                print(f"{workload} x{devices}: FAILED (rc {proc.returncode})\n{proc.stderr[-2500:]}",
-                      flush=True)
-                continue
-            results[(workload, devices)] = {**json.loads(out.read_text()), "wall_s": wall}
-            print(f"{workload} x{devices}: {results[(workload, devices)]}", flush=True)
+    pending: list = []
+
+    def finish(job, proc, out, started) -> None:
+        workload, devices, _ = job
+        proc.wait()
+        if proc.returncode != 0 or not out.is_file():
+            log = out.with_suffix(".log").read_text()
+            print(f"{workload} x{devices}: FAILED (rc {proc.returncode})\n{log[-2500:]}", flush=True)
+            return
+        results[(workload, devices)] = {**json.loads(out.read_text()),
+                                        "wall_s": time.perf_counter() - started}
+        print(f"{workload} x{devices}: {results[(workload, devices)]}", flush=True)
+
+    for job in jobs:
+        workload, devices, visible = job
+        if devices == 2 or len(pending) == 2:  # a 2-GPU run waits for both GPUs
+            for item in pending:
+                finish(*item)
+            pending = []
+        out = Path(f"/tmp/bench_multi_gpu_{workload}_{devices}.json")
+        out.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", workload, "--devices",
+                                 str(devices), "--json", str(out), "--rows", str(args.rows),
+                                 "--warmup", str(args.warmup), "--steps", str(args.steps)],
+                                env={**env, "CUDA_VISIBLE_DEVICES": visible},
+                                stdout=out.with_suffix(".log").open("w"), stderr=subprocess.STDOUT)
+        pending.append((job, proc, out, time.perf_counter()))
+        if devices == 2:
+            finish(*pending.pop())
+    for item in pending:
+        finish(*item)
+    for workload in workloads:  # DLRM's 1-GPU baseline serves both shardings
+        if workload.startswith("dlrm") and ("dlrm_tw", 1) in results:
+            results[(workload, 1)] = results[("dlrm_tw", 1)]
     print("\n| workload | 1 GPU samples/s | 2 GPUs samples/s per GPU | scaling efficiency | "
           "step ms 1 / 2 GPUs | peak GiB/GPU 1 / 2 |\n|---|---|---|---|---|---|")
-    for workload in args.workloads.split(","):
+    for workload in workloads:
         one, two = results.get((workload, 1)), results.get((workload, 2))
         if not one or not two:
             continue
         print(f"| {workload} | {one['per_gpu']:,.0f} | {two['per_gpu']:,.0f} | "
               f"{two['per_gpu'] / one['per_gpu']:.3f} | {one['step_ms']:.1f} / {two['step_ms']:.1f} | "
               f"{one['peak_gib']:.1f} / {two['peak_gib']:.1f} |")
-    dlrm = [w for w in args.workloads.split(",") if w.startswith("dlrm") and (w, 2) in results]
+    dlrm = [w for w in workloads if w.startswith("dlrm") and (w, 2) in results]
     if dlrm:
         print("\n| DLRM, 2 GPUs | bytes sent/rank/step | NCCL all-to-all GB/s at that size | "
               "comm floor ms | step ms | floor / step |\n|---|---|---|---|---|---|")
