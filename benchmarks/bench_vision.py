@@ -58,6 +58,10 @@ PRESETS = {
         (TINY_DEIT, "compiled", 0.5), (TINY_DEIT, "compiled:reduce-overhead", 0.25),
         (TINY_SWIN, "ours", 1.0), (TINY_SWIN, "ours", 0.5), (TINY_SWIN, "compiled", 0.5),
     ],
+    "smoke": [  # the GPU smoke check: eager rows, CUDA graphs on DeiT, structured Swin (2 compiles)
+        (TINY_DEIT, "ours", 1.0), (TINY_DEIT, "ours", 0.25), (TINY_DEIT, "timm", 0.25),
+        (TINY_DEIT, "compiled:reduce-overhead", 0.25), (TINY_SWIN, "ours", 0.5), (TINY_SWIN, "compiled", 0.5),
+    ],
     "tiny-random": [  # the random schedule compiled on a 28x28 model (11 graphs)
         (TINY_DEIT, "ours", 1.0), (TINY_DEIT, "ours", "random"), (TINY_DEIT, "compiled", "random"),
     ],
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the remaining rows once this many seconds have passed")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
-    if args.tiny or (args.preset or "").startswith("tiny"):
+    if args.tiny or (args.preset or "").startswith("tiny") or args.preset == "smoke":
         device = torch.device(args.device or "cpu")
         batch, steps, warmup, size, chans = args.batch or 16, args.steps or 2, args.warmup or 1, 28, 1
         models = args.models or [TINY_DEIT, TINY_SWIN]

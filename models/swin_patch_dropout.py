@@ -52,8 +52,11 @@ def sample_rows_cols(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, ``n`` sorted rows and ``n`` sorted columns out of ``window``: two ``(B, n)``."""
-    rows = torch.rand(batch, window, device=device, generator=generator).topk(n, dim=1).indices
-    cols = torch.rand(batch, window, device=device, generator=generator).topk(n, dim=1).indices
+    # `generator` only when given: torch.rand(..., generator=None) fails with a symbolic batch
+    # size under torch.compile(dynamic=True)
+    extra = {} if generator is None else {"generator": generator}
+    rows = torch.rand(batch, window, device=device, **extra).topk(n, dim=1).indices
+    cols = torch.rand(batch, window, device=device, **extra).topk(n, dim=1).indices
     return rows.sort(dim=1).values, cols.sort(dim=1).values
 
 

@@ -3,7 +3,7 @@
 # loss trajectories), then benchmarks/bench_vision.py (bf16, batch 256, fused AdamW, random-init
 # timm models, synthetic images) with compiled rows beside eager ours and eager timm, compile
 # time apart, and the number of graphs Dynamo built (and built while timed: 0 = no recompiles).
-#   bash benchmarks/gpu/vision.sh smoke   # about 90-120 s: GPU tests + 28x28 models (3 compiles)
+#   bash benchmarks/gpu/vision.sh smoke   # about 90-120 s: GPU tests (3 compiles) + 28x28 models (2 compiles)
 #   bash benchmarks/gpu/vision.sh full1   # expected about 5-6 min (limit 8): DeiT-S, DeiT-B (6 compiles)
 #   bash benchmarks/gpu/vision.sh full2   # expected about 5-6 min (limit 8): GPU tests, Swin-T (2 compiles),
 #                                         # DeiT-S random keep-rate schedule (11 graphs)
@@ -36,7 +36,7 @@ bench() {  # bench LIMIT_S ARGS...
 }
 
 case "$MODE" in
-  smoke) gpu_tests; bench 80 --preset tiny --device cuda --batch 64 --steps 5 --warmup 2 ;;
+  smoke) gpu_tests; bench 80 --preset smoke --device cuda --batch 64 --steps 5 --warmup 3 ;;
   full1) bench 470 --preset compiled1 --steps 15 --warmup 3 --budget-s 380 ;;
   full2) gpu_tests; bench 450 --preset compiled2 --steps 15 --warmup 3 --budget-s 200 ;;
   full)  bash "$0" full1; bash "$0" full2 ;;
