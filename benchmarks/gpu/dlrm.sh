@@ -25,7 +25,7 @@ section() { echo; echo "## $1 ($(date -u +%H:%M:%S))"; }
 python3 -c "import torch, torchrec, fbgemm_gpu; print('torch', torch.__version__, '| torchrec', torchrec.__version__, '| fbgemm-gpu', fbgemm_gpu.__version__, '|', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| CPU cores', __import__('os').cpu_count())" 2>&1 | tail -n 1
 
 section "GPU tests"
-python3 -m pytest -m gpu tests/models/dlrm/test_dlrm_gpu.py -q -x -p no:cacheprovider \
+python3 -m pytest -m gpu tests/models/dlrm/test_dlrm_gpu.py -q -p no:cacheprovider \
   -W ignore >"$WORK/tests.log" 2>&1 || status=1
 tail -n 30 "$WORK/tests.log"
 

@@ -80,15 +80,40 @@ def test_fused_rowwise_adagrad_on_cuda_matches_float64_cpu_rederivation():
                 assert torch.allclose(after[key].double()[big], expected[big], atol=1e-5), key
 
 
+class _DevicesDuringFit(L.Callback):
+    """Names of the parameters not on the GPU, looked at while training runs:
+    after ``fit`` returns, Lightning's strategy teardown has moved the module to the CPU
+    (``Strategy.teardown`` calls ``lightning_module.cpu()``), so checking then is meaningless."""
+
+    def __init__(self) -> None:
+        self.off_device: dict[str, list[str]] = {}
+        self.checked: list[str] = []
+
+    def _check(self, hook: str, module) -> None:
+        self.off_device[hook] = [f"{name} ({p.device})" for name, p
+                                 in module.model.named_parameters() if p.device.type != "cuda"]
+        self.checked.append(hook)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx in (0, trainer.num_training_batches - 1):
+            self._check(f"train batch {batch_idx}", module)
+
+    def on_train_end(self, trainer, module):
+        self._check("train end", module)
+
+
 def test_fit_on_one_gpu_keeps_everything_on_the_device(tmp_path):
     dm = SyntheticCTR(batch_size=128, train_samples=128 * 8, **SYN)
     model = DLRMModule(**TINY)
+    devices = _DevicesDuringFit()
     trainer = L.Trainer(max_epochs=1, accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path,
-                        log_every_n_steps=2)
+                        log_every_n_steps=2, callbacks=[devices])
     trainer.fit(model, dm)
-    assert all(p.device.type == "cuda" for p in model.model.parameters())
+    assert devices.checked == ["train batch 0", "train batch 7", "train end"], devices.checked
+    for hook, names in devices.off_device.items():
+        assert not names, f"{hook}: not on the GPU: {names}"
     metrics = trainer.callback_metrics
     for name in ("val/logloss", "val/auroc", "val/ne", "val/base_rate", "train/progressive_loss"):
         assert np.isfinite(float(metrics[name])), name
