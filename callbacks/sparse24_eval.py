@@ -55,7 +55,8 @@ class Sparse24Eval(Callback):
             ``timing_tokens`` tokens (128-token rows where a bucket allows) and go back to dense
             unless the export is faster than ``min_speedup``.
         alg_search: let cuSPARSELt search its algorithm per GEMM shape for the timing table.
-        cuda_graphs: ``False`` runs the padded buckets eagerly (to see the host overhead).
+        cuda_graphs: ``False`` runs the padded buckets eagerly (to see the host overhead);
+            ``"auto"`` keeps, per bucket, the faster of its graph and eager (measured on first use).
         prefix: metric prefix of the 2:4 pass.
     """
 
@@ -70,7 +71,7 @@ class Sparse24Eval(Callback):
         fallback: bool = True,
         whole_model_check: bool = True,
         alg_search: bool = False,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool | str = True,
         prefix: str = "test_24",
     ) -> None:
         if not include:
@@ -79,6 +80,8 @@ class Sparse24Eval(Callback):
             raise ValueError(f"timing_tokens: must be >= 1, got {timing_tokens!r}")
         if not min_speedup > 0:
             raise ValueError(f"min_speedup: must be > 0, got {min_speedup!r}")
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs: expected true, false or 'auto', got {cuda_graphs!r}")
         if not prefix or prefix in ("test", "test_dense"):
             raise ValueError(f"prefix: must be non-empty and differ from 'test'/'test_dense', got {prefix!r}")
         self.include, self.exclude = list(include), list(exclude)

@@ -22,6 +22,7 @@ Shapes: ``B`` batch rows, ``T`` tokens per row; buckets ``(B*, T*)`` with ``B* >
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import warnings
@@ -39,7 +40,7 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 __all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "cap_buckets", "bucket_for",
            "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
-           "search_alg_id", "linear_timing_table", "Sparse24Plan", "prepare_sparse24",
+           "search_alg_id", "DEFAULT_CONFIG", "sparse24_linear", "install_direct_forward", "linear_timing_table", "Sparse24Plan", "prepare_sparse24",
            "restore_weights", "keep_if_faster", "bucket_ms", "additive_mask", "hf_forward",
            "BucketedRunner", "timed_forward"]
 
@@ -97,6 +98,7 @@ class LayerTiming:
     shape: tuple[int, int] = (0, 0)  # (out, in)
     tokens: int = 0
     alg_id: int = 0  # cuSPARSELt algorithm used for sparse_ms
+    config: tuple[int, int, int] = (0, 1, -1)  # (alg_id, split_k, split_k_mode) of sparse_ms
 
     @property
     def speedup(self) -> float:
@@ -169,12 +171,100 @@ def graphed_ms(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> 
     return sorted(times)[len(times) // 2]
 
 
-def search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """cuSPARSELt's best algorithm for ``F.linear(x, sparse_weight, bias)`` (0 if the search fails)."""
+def sparse24_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    config: tuple[int, int, int] = (0, 1, -1), mm: Callable | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a cuSPARSELt 2:4 ``weight`` as ONE ``torch._cslt_sparse_mm`` call.
+
+    ``x`` ``(..., in)`` is flattened to a contiguous ``(N, in)``; cuSPARSELt computes
+    ``W (out, in) @ x.T (in, N)`` with the bias fused and writes it column-major
+    (``transpose_result=True``), i.e. a contiguous row-major ``(N, out)``: no transpose, copy or
+    separate bias kernel around the GEMM, and the output feeds the next op (attention heads,
+    LayerNorm) in the layout dense ``F.linear`` gives. ``config`` is ``(alg_id, split_k,
+    split_k_mode)`` from :func:`search_alg_id` (default: cuSPARSELt's default plan). ``mm``
+    replaces ``torch._cslt_sparse_mm`` (same contract; tests). ``N`` must be a multiple of 8.
+    """
+    mm = torch._cslt_sparse_mm if mm is None else mm
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():  # e.g. a transposed view: the plan (and a searched alg id) assume row-major x
+        x2 = x2.contiguous()
+    alg, split_k, split_k_mode = (int(v) for v in config)
+    extra = {} if (split_k, split_k_mode) == (1, -1) else {"split_k": split_k, "split_k_mode": split_k_mode}
+    out = mm(weight.packed, x2.t(), bias=bias, transpose_result=True, alg_id=alg, **extra)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+DEFAULT_CONFIG = (0, 1, -1)
+
+
+def _direct_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    cls = getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
+    rows = x.numel() // max(1, x.shape[-1])
+    return (cls is not None and isinstance(weight, cls) and getattr(weight, "packed", None) is not None
+            and rows % 8 == 0 and x.dtype == weight.dtype)
+
+
+def _direct_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Forward of an exported Linear through :func:`sparse24_linear` (see :func:`install_direct_forward`)."""
+    w = layer.weight
+    state = layer.__dict__
+    if not state.get("_sparse24_direct", True) or not _direct_ok(x, w):
+        return F.linear(x, w, layer.bias)
+    config = state.get("_sparse24_config", DEFAULT_CONFIG)
     try:
-        return int(torch._cslt_sparse_mm_search(sparse_weight.packed, x.t(), bias=bias))
-    except Exception:  # an older/newer wrapper without the search, or a refused shape
-        return 0
+        return sparse24_linear(x, w, layer.bias, config)
+    except (RuntimeError, TypeError) as err:  # a cuSPARSELt refusal happens before any launch: safe to retry
+        if tuple(config) != DEFAULT_CONFIG:
+            warnings.warn(f"2:4 layer {tuple(w.shape)}: cuSPARSELt config {tuple(config)} failed "
+                          f"({str(err)[:120]}); using the default (alg 0) for this layer", stacklevel=2)
+            state["_sparse24_config"] = DEFAULT_CONFIG
+            try:
+                return sparse24_linear(x, w, layer.bias, DEFAULT_CONFIG)
+            except (RuntimeError, TypeError) as err0:
+                err = err0
+        warnings.warn(f"2:4 layer {tuple(w.shape)}: direct cuSPARSELt call failed ({str(err)[:120]}); "
+                      f"using torch's F.linear path for this layer", stacklevel=2)
+        state["_sparse24_direct"] = False
+        return F.linear(x, w, layer.bias)
+
+
+def install_direct_forward(layer: nn.Linear, config: tuple[int, int, int] | None = DEFAULT_CONFIG) -> None:
+    """Route ``layer`` (a Linear with a 2:4 weight) through :func:`sparse24_linear` with ``config``
+    (``(alg_id, split_k, split_k_mode)``); ``config=None`` undoes it.
+
+    torch's ``F.linear`` on a ``SparseSemiStructuredTensor`` goes through its ``__torch_dispatch__``
+    (view, ``t``, ``addmm``, padding checks) and, in some torch versions, returns a transposed
+    (column-major) output that makes the following ops (heads, SDPA, LayerNorm) slower or copy.
+    A layer whose config fails falls back to the default config, then to ``F.linear`` (warnings).
+    """
+    for key in ("_sparse24_direct", "_sparse24_config", "forward"):
+        layer.__dict__.pop(key, None)
+    if config is not None:
+        layer.__dict__["_sparse24_config"] = tuple(int(v) for v in config)
+        layer.forward = functools.partial(_direct_forward, layer)
+
+
+def search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
+                  ) -> tuple[int, int, int]:
+    """cuSPARSELt's best ``(alg_id, split_k, split_k_mode)`` for :func:`sparse24_linear`
+    ``(x, sparse_weight, bias)``; the default ``(0, 1, -1)`` if the search or its result fails.
+
+    The search runs on exactly the call that will run (row-major ``x``, fused bias,
+    ``transpose_result=True``), and the result is run once: a config is only valid for the plan
+    it was found for.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    try:
+        search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+        if search is not None:  # (alg_id, split_k, split_k_mode, max_alg_id)
+            found = tuple(int(v) for v in search(sparse_weight.packed, x2.t(), bias, None, None, True)[:3])
+        else:
+            found = (int(torch._cslt_sparse_mm_search(sparse_weight.packed, x2.t(), bias=bias,
+                                                      transpose_result=True)), 1, -1)
+        sparse24_linear(x2, sparse_weight, bias, found)
+        torch.cuda.synchronize()
+        return found
+    except Exception:  # an older/newer wrapper without the search, a refused shape or config
+        return DEFAULT_CONFIG
 
 
 def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: bool = False,
@@ -183,8 +273,9 @@ def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: b
 
     Layers of equal ``(out, in, dtype, bias)`` are timed once. Weights must be CUDA fp16/bf16
     and 2:4 sparse (each is compressed once here for timing; the layers are not changed).
-    With ``alg_search`` cuSPARSELt's algorithm search picks the alg id per shape
-    (``torch._cslt_sparse_mm_search``); the faster of it and the default is kept.
+    2:4 is timed through :func:`sparse24_linear`, the call the exported layers make. With
+    ``alg_search`` cuSPARSELt's algorithm search picks the alg id per shape (searched and run on
+    this very call; a failing alg is dropped); the faster of it and the default (0) is kept.
     """
     from torch.sparse import to_sparse_semi_structured
 
@@ -199,19 +290,23 @@ def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: b
                 b = None if layer.bias is None else layer.bias.detach()
                 ws = to_sparse_semi_structured(w.contiguous())
                 dense_ms = graphed_ms(lambda: F.linear(x, w, b), calls)
-                sparse_ms = graphed_ms(lambda: F.linear(x, ws, b), calls)
-                alg = 0
-                if alg_search:
+                direct = _direct_ok(x, ws)
+                alg, config = 0, DEFAULT_CONFIG
+                try:
+                    sparse_ms = graphed_ms((lambda: sparse24_linear(x, ws, b)) if direct
+                                           else (lambda: F.linear(x, ws, b)), calls)
+                except RuntimeError:  # the direct call refused: time torch's path (what the layer falls back to)
+                    direct, sparse_ms = False, graphed_ms(lambda: F.linear(x, ws, b), calls)
+                if alg_search and direct:
                     found = search_alg_id(ws, x, b)
-                    if found:
-                        ws.alg_id_cusparselt = found
+                    if found != DEFAULT_CONFIG:
                         try:
-                            searched = graphed_ms(lambda: F.linear(x, ws, b), calls)
-                        except RuntimeError:  # an algorithm the wrapper cannot run: keep the default
+                            searched = graphed_ms(lambda: sparse24_linear(x, ws, b, found), calls)
+                        except RuntimeError:  # a config this plan cannot run: keep the default
                             searched = float("inf")
                         if searched < sparse_ms:
-                            sparse_ms, alg = searched, found
-                by_shape[key] = LayerTiming(dense_ms, sparse_ms, tuple(w.shape), tokens, alg)
+                            sparse_ms, alg, config = searched, found[0], found
+                by_shape[key] = LayerTiming(dense_ms, sparse_ms, tuple(w.shape), tokens, alg, config)
                 del ws, x
             table[name] = by_shape[key]
     return table
@@ -229,7 +324,7 @@ class Sparse24Plan:
 
 def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterable[str] = (),
                      tokens: int = 4096, min_speedup: float = 1.0, alg_search: bool = False,
-                     fallback: bool = True) -> Sparse24Plan:
+                     fallback: bool = True, direct: bool = True) -> Sparse24Plan:
     """Export the selected 2:4 Linear layers where 2:4 is faster (measured), in place.
 
     Args:
@@ -239,6 +334,8 @@ def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterabl
         min_speedup: see :func:`choose_sparse_layers`.
         alg_search: search cuSPARSELt's algorithm per shape (see :func:`linear_timing_table`).
         fallback: ``False`` exports every selected layer without timing (the table stays empty).
+        direct: run the exported layers through :func:`sparse24_linear` (one cuSPARSELt call,
+            contiguous output; :func:`install_direct_forward`) instead of torch's ``F.linear`` path.
 
     Returns:
         A :class:`Sparse24Plan`; :func:`restore_weights` puts the dense weights back.
@@ -262,16 +359,19 @@ def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterabl
     if choice.sparse:
         keep_dense = [f"^{re.escape(name)}$" for name in choice.dense]
         export_sparse_24(module, include, exclude + keep_dense)
-        for name in choice.sparse:
-            if name in table and table[name].alg_id:
-                layers[name].weight.alg_id_cusparselt = table[name].alg_id
+        for name in choice.sparse:  # each layer gets the config found for ITS shape (default otherwise);
+            # torch's own F.linear path keeps alg 0: a searched id belongs to the direct call's plan
+            if direct:
+                install_direct_forward(layers[name], table[name].config if name in table else DEFAULT_CONFIG)
     return Sparse24Plan(table, choice, original)
 
 
 def restore_weights(module: nn.Module, plan: Sparse24Plan) -> None:
     """Undo :func:`prepare_sparse24`: the exported layers get their dense weights back."""
     for name, weight in plan.original.items():
-        module.get_submodule(name).weight = weight
+        layer = module.get_submodule(name)
+        install_direct_forward(layer, None)
+        layer.weight = weight
 
 
 def keep_if_faster(module: nn.Module, plan: Sparse24Plan, dense_ms: float, sparse_ms: float,
@@ -353,7 +453,10 @@ class BucketedRunner:
         fn: returns a tensor whose first dimension is the batch (e.g. logits ``(B, C)``).
         seq_buckets, batch_buckets: bucket sizes (sorted and de-duplicated here).
         pad_token_id: id written into padded positions.
-        cuda_graphs: capture graphs on CUDA inputs.
+        cuda_graphs: capture graphs on CUDA inputs. ``"auto"``: capture, then time a few graph
+            replays against as many eager calls of the same bucket and keep the faster for that
+            bucket (a graph is not always faster: a large bucket may replay slower than eager);
+            :attr:`modes` says which each bucket uses.
         drop_full_mask: call ``fn(ids, None)`` when the batch fills its bucket and its mask (if
             any) is all ones (a graph of its own; transformers then passes no mask to SDPA,
             which may use its faster flash kernel). ``fn`` must accept ``None`` as the mask.
@@ -362,7 +465,9 @@ class BucketedRunner:
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
                  seq_buckets: Iterable[int] = DEFAULT_SEQ_BUCKETS,
                  batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS,
-                 pad_token_id: int = 0, cuda_graphs: bool = True, drop_full_mask: bool = True) -> None:
+                 pad_token_id: int = 0, cuda_graphs: bool | str = True, drop_full_mask: bool = True) -> None:
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs: expected true, false or 'auto', got {cuda_graphs!r}")
         self.fn = fn
         self.seq_buckets = check_buckets(seq_buckets, "seq_buckets")
         self.batch_buckets = check_buckets(batch_buckets, "batch_buckets")
@@ -370,10 +475,14 @@ class BucketedRunner:
         self.cuda_graphs = cuda_graphs
         self.drop_full_mask = drop_full_mask
         self._graphs: dict[tuple, tuple] = {}  # (batch, seq, full, device) -> (graph, ids, mask, out)
+        self.modes: dict[tuple, str] = {}  # (batch, seq, full, device) -> "graph" | "eager" (auto only)
+        self.timings: dict[tuple, tuple[float, float]] = {}  # same keys -> (graph ms, eager ms) (auto only)
+        self.masked_fallback: str | None = None  # why full buckets run with their mask, if they do
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory)."""
         self._graphs.clear()
+        self.modes.clear()
 
     @property
     def captured(self) -> list[tuple[int, int]]:
@@ -409,6 +518,8 @@ class BucketedRunner:
         if not (self.cuda_graphs and ids.is_cuda):
             return self.fn(ids, mask)[:b]
         key = (batch, seq, mask is None, ids.device)
+        if self.modes.get(key) == "eager":  # "auto" found eager faster for this bucket
+            return self.fn(ids, mask)[:b]
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(ids, mask)
@@ -419,15 +530,42 @@ class BucketedRunner:
                 # warning): a host synchronisation that a graph cannot capture. Masked graphs only.
                 warnings.warn(f"BucketedRunner: the model cannot be captured without a mask ({err}); "
                               f"running every batch with its mask (drop_full_mask=False)", stacklevel=2)
-                self.drop_full_mask = False
+                self.drop_full_mask, self.masked_fallback = False, str(err)[:200]
                 torch.cuda.synchronize(ids.device)
                 return self._run(input_ids, attention_mask)
+        if self.cuda_graphs == "auto" and key not in self.modes:
+            self.modes[key] = self._pick(key, ids, mask)
+        if self.modes.get(key) == "eager":
+            return self.fn(ids, mask)[:b]
         graph, static_ids, static_mask, out = self._graphs[key]
         static_ids.copy_(ids)
         if static_mask is not None:
             static_mask.copy_(mask)
         graph.replay()
         return out[:b].clone()
+
+    def _pick(self, key: tuple, ids: torch.Tensor, mask: torch.Tensor | None, calls: int = 5) -> str:
+        """``"graph"`` or ``"eager"``: the faster, host time included, over ``calls`` runs of each."""
+        graph, static_ids, static_mask, _ = self._graphs[key]
+        static_ids.copy_(ids)
+        if static_mask is not None:
+            static_mask.copy_(mask)
+
+        def ms(run: Callable[[], object]) -> float:
+            run()
+            torch.cuda.synchronize(ids.device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            torch.cuda.synchronize(ids.device)
+            return (time.perf_counter() - start) * 1e3 / calls
+
+        graph_ms, eager_ms = ms(graph.replay), ms(lambda: self.fn(ids, mask))
+        self.timings[key] = (graph_ms, eager_ms)
+        if eager_ms < graph_ms:
+            del self._graphs[key]  # its memory back; this bucket runs eagerly from now on
+            return "eager"
+        return "graph"
 
     def _capture(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple:
         static_ids, static_mask = ids.clone(), None if mask is None else mask.clone()

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from models.nm_sparsity import nm_mask, select_linears
-from models.sparse_inference import (BucketedRunner, FallbackChoice, LayerTiming, Sparse24Plan,
+from models.sparse_inference import (DEFAULT_CONFIG, BucketedRunner, FallbackChoice, LayerTiming, Sparse24Plan,
                                      additive_mask, bucket_for, cap_buckets, check_buckets, choose_sparse_layers,
-                                     hf_forward, keep_if_faster, pad_to_bucket, prepare_sparse24,
-                                     restore_weights)
+                                     hf_forward, install_direct_forward, keep_if_faster, pad_to_bucket,
+                                     prepare_sparse24, restore_weights, search_alg_id, sparse24_linear)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENCODER = [r"encoder\.layer\.\d+\."]
@@ -160,6 +160,47 @@ def test_whole_model_check_keeps_the_export_only_when_faster():
     assert net[0].weight is dense0
 
 
+def reference_cslt_mm(compressed_a, dense_b, bias=None, transpose_result=False, alg_id=0, **_):
+    """torch._cslt_sparse_mm's documented contract, in float64, with the weight itself as "compressed":
+    ``A (m, k) @ B (k, n) + bias[:, None]``, returned as ``(n, m)`` row-major when ``transpose_result``."""
+    out = compressed_a.double() @ dense_b.double()
+    if bias is not None:
+        out = out + bias.double()[:, None]
+    return out.t().contiguous() if transpose_result else out
+
+
+def test_direct_sparse_linear_plumbing_equals_f_linear_in_float64():
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    bias = torch.randn(24, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
+    weight = SimpleNamespace(packed=w)
+    expected = torch.nn.functional.linear(x, w, bias)
+    for inp in (x, x.transpose(0, 1).contiguous().transpose(0, 1)):  # row-major and a strided view
+        out = sparse24_linear(inp, weight, bias, mm=reference_cslt_mm)
+        assert out.shape == (2, 8, 24) and out.is_contiguous()  # (tokens, out) row-major, as dense F.linear
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    out = sparse24_linear(x, weight, None, (7, 1, -1), mm=reference_cslt_mm)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), atol=1e-12, rtol=1e-12)
+
+
+def test_direct_forward_installs_and_uninstalls_and_keeps_dense_weights_on_f_linear():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    reference = layer(x)
+    install_direct_forward(layer, (3, 1, -1))
+    assert layer.__dict__["_sparse24_config"] == (3, 1, -1) and "forward" in layer.__dict__
+    torch.testing.assert_close(layer(x), reference)  # a dense weight (not cuSPARSELt): plain F.linear
+    install_direct_forward(layer, None)
+    assert not {"forward", "_sparse24_config", "_sparse24_direct"} & set(layer.__dict__)
+    torch.testing.assert_close(layer(x), reference)
+    assert search_alg_id(layer.weight, x, layer.bias) == DEFAULT_CONFIG  # no cuSPARSELt here: the default
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        BucketedRunner(lambda i, m: i, cuda_graphs="sometimes")
+
+
 def test_callback_timing_shape():
     from callbacks import Sparse24Eval
 
@@ -253,7 +294,8 @@ def test_graphed_24_logits_equal_eager_24_logits():
         expected = eager(ids, mask)
     restore_weights(net, plan)
     assert all(type(m.weight) is torch.nn.Parameter and m.weight.layout == torch.strided
-               and not hasattr(m.weight, "packed") for m in select_linears(net, ENCODER).values())
+               and not hasattr(m.weight, "packed") and "forward" not in m.__dict__
+               for m in select_linears(net, ENCODER).values())
 
 
 @pytest.mark.gpu
@@ -368,3 +410,44 @@ def test_a_full_bucket_is_captured_without_a_mask():
     ids, mask = ragged_batch(batch=32, seq=128)  # padded: the masked graph of the same bucket
     torch.testing.assert_close(graphed(ids, mask), eager(ids, mask), atol=1e-3, rtol=1.6e-2)
     assert graphed.captured == [(32, 128), (32, 128)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_direct_sparse_linear_equals_dense_and_a_bad_alg_falls_back_per_layer():
+    from torch.sparse import to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 512).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    w64, b64 = layer.weight.double(), layer.bias.double()
+    expected = (x.double() @ w64.t() + b64)  # float64 reference of the pruned layer
+    ws = to_sparse_semi_structured(layer.weight.detach())
+    out = sparse24_linear(x, ws, layer.bias.detach())
+    assert out.shape == (4, 64, 512) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), expected, atol=0.05, rtol=0.02)
+    config = search_alg_id(ws, x, layer.bias.detach())
+    torch.testing.assert_close(sparse24_linear(x, ws, layer.bias.detach(), config).double(), expected,
+                               atol=0.05, rtol=0.02)
+    layer.weight = torch.nn.Parameter(ws, requires_grad=False)
+    install_direct_forward(layer, (10 ** 6, 1, -1))  # an alg id no plan has: this layer falls back to alg 0
+    with pytest.warns(UserWarning, match="using the default"):
+        out = layer(x)
+    assert layer.__dict__["_sparse24_config"] == DEFAULT_CONFIG
+    torch.testing.assert_close(out.double(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_runner_keeps_graph_or_eager_per_bucket_with_equal_outputs():
+    net = pruned_bert_cuda()
+    prepare_sparse24(net, ENCODER, fallback=False)
+    eager = BucketedRunner(hf_forward(net), [128], [32], cuda_graphs=False)
+    auto = BucketedRunner(hf_forward(net), [128], [32], cuda_graphs="auto")
+    full = torch.randint(1, 1000, (32, 128), device="cuda")
+    for _ in range(2):
+        torch.testing.assert_close(auto(full), eager(full), atol=1e-3, rtol=1.6e-2)
+    assert list(auto.modes.values()) in (["graph"], ["eager"]) and len(auto.timings) == 1
+    assert auto.masked_fallback is None
