@@ -38,11 +38,11 @@ from models.nm_sparsity import export_sparse_24, select_linears, semi_structured
 DEFAULT_SEQ_BUCKETS = (32, 64, 128, 256, 512)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-__all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "check_buckets", "cap_buckets", "bucket_for",
-           "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
-           "search_alg_id", "DEFAULT_CONFIG", "sparse24_linear", "install_direct_forward", "linear_timing_table", "Sparse24Plan", "prepare_sparse24",
-           "restore_weights", "keep_if_faster", "bucket_ms", "additive_mask", "hf_forward",
-           "BucketedRunner", "timed_forward"]
+__all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "DEFAULT_CONFIG", "check_buckets", "cap_buckets",
+           "bucket_for", "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
+           "sparse24_linear", "install_direct_forward", "direct_matches_torch", "search_alg_id",
+           "linear_timing_table", "Sparse24Plan", "prepare_sparse24", "restore_weights", "keep_if_faster",
+           "bucket_ms", "additive_mask", "hf_forward", "BucketedRunner", "timed_forward"]
 
 
 def check_buckets(values: Iterable[int], field_name: str) -> tuple[int, ...]:
@@ -243,6 +243,18 @@ def install_direct_forward(layer: nn.Linear, config: tuple[int, int, int] | None
         layer.forward = functools.partial(_direct_forward, layer)
 
 
+def direct_matches_torch(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 64) -> bool:
+    """Whether :func:`sparse24_linear` gives torch's own ``F.linear`` result for this 2:4 weight
+    (on random rows, to bf16/fp16 rounding); ``False`` also when either call fails."""
+    try:
+        with torch.no_grad():
+            x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            ours, theirs = sparse24_linear(x, weight, bias).float(), F.linear(x, weight, bias).float()
+        return ours.shape == theirs.shape and bool(((ours - theirs).abs() <= 1e-2 + 2e-2 * theirs.abs()).all())
+    except Exception:
+        return False
+
+
 def search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
                   ) -> tuple[int, int, int]:
     """cuSPARSELt's best ``(alg_id, split_k, split_k_mode)`` for :func:`sparse24_linear`
@@ -359,10 +371,18 @@ def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterabl
     if choice.sparse:
         keep_dense = [f"^{re.escape(name)}$" for name in choice.dense]
         export_sparse_24(module, include, exclude + keep_dense)
+        checked: dict[tuple, bool] = {}  # (shape, bias) -> the direct call matches torch's F.linear
         for name in choice.sparse:  # each layer gets the config found for ITS shape (default otherwise);
             # torch's own F.linear path keeps alg 0: a searched id belongs to the direct call's plan
-            if direct:
-                install_direct_forward(layers[name], table[name].config if name in table else DEFAULT_CONFIG)
+            layer = layers[name]
+            key = (tuple(layer.weight.shape), layer.bias is not None)
+            if direct and key not in checked:
+                checked[key] = direct_matches_torch(layer.weight, layer.bias)
+                if not checked[key]:
+                    warnings.warn(f"prepare_sparse24: the direct cuSPARSELt call does not match torch's F.linear "
+                                  f"for shape {key[0]}; those layers use F.linear", stacklevel=2)
+            if direct and checked[key]:
+                install_direct_forward(layer, table[name].config if name in table else DEFAULT_CONFIG)
     return Sparse24Plan(table, choice, original)
 
 

@@ -437,6 +437,11 @@ def test_direct_sparse_linear_equals_dense_and_a_bad_alg_falls_back_per_layer():
         out = layer(x)
     assert layer.__dict__["_sparse24_config"] == DEFAULT_CONFIG
     torch.testing.assert_close(out.double(), expected, atol=0.05, rtol=0.02)
+    net = pruned_bert_cuda()
+    plan = prepare_sparse24(net, ENCODER, fallback=False)  # every exported layer takes the direct call
+    assert all("forward" in m.__dict__ for m in select_linears(net, ENCODER).values())
+    restore_weights(net, plan)
+    assert not any("forward" in m.__dict__ for m in select_linears(net, ENCODER).values())
 
 
 @pytest.mark.gpu
