@@ -22,6 +22,7 @@ Shapes: ``B`` batch rows, ``T`` tokens per row; buckets ``(B*, T*)`` with ``B* >
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -42,7 +43,7 @@ __all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "DEFAULT_CONFIG", "ch
            "bucket_for", "pad_to_bucket", "LayerTiming", "FallbackChoice", "choose_sparse_layers", "graphed_ms",
            "sparse24_linear", "install_direct_forward", "direct_matches_torch", "search_alg_id",
            "linear_timing_table", "Sparse24Plan", "prepare_sparse24", "restore_weights", "keep_if_faster",
-           "bucket_ms", "additive_mask", "hf_forward", "BucketedRunner", "timed_forward"]
+           "bucket_ms", "additive_mask", "no_mask_while_capturing", "hf_forward", "BucketedRunner", "timed_forward"]
 
 
 def check_buckets(values: Iterable[int], field_name: str) -> tuple[int, ...]:
@@ -443,16 +444,54 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (1.0 - keep) * torch.finfo(dtype).min
 
 
+@contextlib.contextmanager
+def no_mask_while_capturing(active: bool | None = None):
+    """Let transformers skip the attention mask of an unmasked batch while a CUDA graph is captured.
+
+    transformers (5.x) builds no mask when none is given, so SDPA takes its flash kernel, but it
+    counts CUDA stream capture as "tracing" and then materialises an all-true ``(B, 1, T, T)``
+    mask instead: a captured graph would run a masked attention kernel that the same eager call
+    does not. Inside this context (``active``: default, only while the current stream captures)
+    ``masking_utils._ignore_bidirectional_mask_sdpa`` returns ``True`` for ``padding_mask=None``
+    without a local-attention window (nothing to mask and no data-dependent check); any other
+    case goes to the original. A transformers without that function is left alone.
+    """
+    if active is None:
+        active = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    original = getattr(masking_utils, "_ignore_bidirectional_mask_sdpa", None)
+    if not active or original is None:
+        yield
+        return
+
+    def ignore(padding_mask, *args, **kwargs):
+        local = kwargs.get("local_attention_size", args[1] if len(args) > 1 else None)
+        if padding_mask is None and local is None:
+            return True
+        return original(padding_mask, *args, **kwargs)
+
+    masking_utils._ignore_bidirectional_mask_sdpa = ignore
+    try:
+        yield
+    finally:
+        masking_utils._ignore_bidirectional_mask_sdpa = original
+
+
 def hf_forward(net: nn.Module, output: str = "logits"
                ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``fn(input_ids, attention_mask)`` -> ``net(...).<output>`` of a transformers encoder, with
     the mask passed as :func:`additive_mask` in the dtype of ``net``'s embeddings (or no mask
-    when ``attention_mask`` is ``None``: every position attends)."""
+    when ``attention_mask`` is ``None``: every position attends, and SDPA gets no mask, also
+    inside a CUDA graph capture: :func:`no_mask_while_capturing`)."""
     dtype = net.get_input_embeddings().weight.dtype
 
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:  # every position attends: no mask at all
-            return getattr(net(input_ids=input_ids), output)
+            with no_mask_while_capturing():
+                return getattr(net(input_ids=input_ids), output)
         return getattr(net(input_ids=input_ids, attention_mask=additive_mask(attention_mask, dtype)), output)
 
     return fn

@@ -13,7 +13,8 @@ import yaml
 from models.nm_sparsity import nm_mask, select_linears
 from models.sparse_inference import (DEFAULT_CONFIG, BucketedRunner, FallbackChoice, LayerTiming, Sparse24Plan,
                                      additive_mask, bucket_for, cap_buckets, check_buckets, choose_sparse_layers,
-                                     hf_forward, install_direct_forward, keep_if_faster, pad_to_bucket,
+                                     hf_forward, install_direct_forward, keep_if_faster, no_mask_while_capturing,
+                                     pad_to_bucket,
                                      prepare_sparse24, restore_weights, search_alg_id, sparse24_linear)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,6 +200,35 @@ def test_direct_forward_installs_and_uninstalls_and_keeps_dense_weights_on_f_lin
     assert search_alg_id(layer.weight, x, layer.bias) == DEFAULT_CONFIG  # no cuSPARSELt here: the default
     with pytest.raises(ValueError, match="cuda_graphs"):
         BucketedRunner(lambda i, m: i, cuda_graphs="sometimes")
+
+
+def test_no_mask_while_capturing_keeps_sdpa_unmasked_when_transformers_thinks_it_traces(monkeypatch):
+    from transformers import masking_utils
+
+    net = tiny_bert()
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = net(input_ids=ids).logits
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    # What a CUDA graph capture looks like to transformers: every "is tracing?" check says yes.
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda *a, **k: True)
+    original = masking_utils._ignore_bidirectional_mask_sdpa
+    with torch.no_grad(), no_mask_while_capturing(active=True):
+        assert masking_utils._ignore_bidirectional_mask_sdpa(None, 8) is True
+        assert masking_utils._ignore_bidirectional_mask_sdpa(None, 8, 4) == original(None, 8, 4)
+        out = net(input_ids=ids).logits
+    assert masking_utils._ignore_bidirectional_mask_sdpa is original  # restored
+    assert len(masks) == 2 and all(m is None for m in masks)  # both layers: SDPA without a mask
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    with no_mask_while_capturing():  # not capturing: nothing is patched
+        assert masking_utils._ignore_bidirectional_mask_sdpa is original
 
 
 def test_callback_timing_shape():
@@ -456,3 +486,23 @@ def test_auto_runner_keeps_graph_or_eager_per_bucket_with_equal_outputs():
         torch.testing.assert_close(auto(full), eager(full), atol=1e-3, rtol=1.6e-2)
     assert list(auto.modes.values()) in (["graph"], ["eager"]) and len(auto.timings) == 1
     assert auto.masked_fallback is None
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_graph_of_a_full_bucket_calls_sdpa_without_a_mask_like_eager(monkeypatch):
+    net = pruned_bert_cuda()
+    seen = []  # (capturing?, mask is None) of every SDPA call
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        seen.append((torch.cuda.is_current_stream_capturing(), mask is None))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    runner = BucketedRunner(hf_forward(net), [128], [32])
+    runner(torch.randint(1, 1000, (32, 128), device="cuda"))
+    assert any(capturing for capturing, _ in seen)  # the capture went through SDPA
+    assert all(unmasked for _, unmasked in seen)  # warm-up and capture alike: no mask (flash-eligible)
+    assert runner.masked_fallback is None
