@@ -8,9 +8,11 @@ shift of the dense values). Binary files are torchrec's preprocessed ``day_N_{de
 (dense already log-transformed by torchrec's script: taken as stored; sparse ids hashed here).
 
 Every line is read by exactly one DataLoader worker of one DDP rank (:mod:`datamodules.ctr.sharding`):
-text readers scan the whole stream as bytes (a newline count per block for the lines of other
-readers) and parse only their own global batches (the cost; in bulk with numpy), so throughput
-grows with DataLoader workers. Malformed lines either stop the run
+with several readers, plain text files are indexed once before the readers start (the byte
+offset of every batch's first line, :class:`LineIndex`) and each reader seeks to its own global
+batches and parses only those (in bulk with numpy), so throughput grows with DataLoader workers.
+gzip cannot seek: there (and without an index) a reader scans the stream as bytes, counting
+newlines per block for the lines of other readers. Malformed lines either stop the run
 with ``file:line`` (``on_malformed: error``) or are skipped, counted and reported per reader
 (``on_malformed: count``); they are never dropped silently.
 
@@ -142,18 +144,87 @@ def open_text(path: str | Path):
     return open(path, "rb", buffering=1 << 20)
 
 
+def is_gzip(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+class LineIndex:
+    """Byte offsets of the lines that start global batches (every ``stride``-th line of the
+    stream), so that a reader seeks straight to its next batch instead of reading the lines of
+    the batches of other readers.
+
+    Built by one newline scan of the files (numpy, in large blocks) before the readers start.
+    Only plain text can seek: indexing stops at the first gzip file, whose lines (and those of
+    every later file) the readers still scan. ``max_lines`` stops the scan at the sample budget.
+    """
+
+    BLOCK = 1 << 24
+
+    def __init__(self, files: list[str], stride: int, max_lines: int | None = None) -> None:
+        self.stride = stride
+        # (file number, first global line, lines, first indexed local line, byte offsets)
+        self.entries: list[tuple[int, int, int, int, np.ndarray]] = []
+        first = 0
+        for number, path in enumerate(files):
+            if (max_lines is not None and first >= max_lines) or is_gzip(path):
+                break
+            start = (-first) % stride  # the file's first line that starts a global batch
+            budget = None if max_lines is None else max_lines - first
+            lines, offsets = self._scan(path, start, budget)
+            self.entries.append((number, first, lines, start, offsets))
+            first += lines
+
+    def _scan(self, path: str, start: int, max_lines: int | None) -> tuple[int, np.ndarray]:
+        """Lines of the file (counted up to ``max_lines`` or a little beyond) and the byte
+        offsets of its lines ``start, start + stride, ...``."""
+        stride = self.stride
+        parts = [np.zeros(1, np.int64)] if start == 0 else []
+        newlines, size, last = 0, 0, 10
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(self.BLOCK)
+                if not block:
+                    break
+                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+                # Newline m ends line m, so line m + 1 starts after it: the wanted newlines are
+                # those with m = start - 1 (mod stride).
+                skip = (start - 1 - newlines) % stride
+                parts.append(ends[skip::stride].astype(np.int64) + (size + 1))
+                newlines, size, last = newlines + len(ends), size + len(block), block[-1]
+                if max_lines is not None and newlines >= max_lines:
+                    break
+        lines = newlines + (1 if size and last != 10 else 0)  # a last line without a newline
+        offsets = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        keep = max(0, -(-(lines - start) // stride))  # indexed lines that exist
+        return lines, offsets[:keep]
+
+    def locate(self, target: int) -> tuple[int, int, int] | None:
+        """(file number, line within that file, byte offset) of global line ``target``, or
+        None when it is not indexed."""
+        for number, first, lines, start, offsets in self.entries:
+            if first <= target < first + lines:
+                j, rest = divmod(target - first - start, self.stride)
+                if rest == 0 and 0 <= j < len(offsets):
+                    return number, target - first, int(offsets[j])
+                return None
+        return None
+
+
 class _Lines:
     """All lines of several files as one stream, with position, skipping and file:line.
 
     Files are read as bytes in large blocks: skipping counts newlines in each block (C speed,
     nothing decoded or split), and taking splits off only the lines taken. A last line without
-    a newline is a line like the others.
+    a newline is a line like the others. With a :class:`LineIndex`, skipping to an indexed line
+    seeks to its byte offset instead.
     """
 
     BLOCK = 1 << 20
 
-    def __init__(self, files: list[str]) -> None:
+    def __init__(self, files: list[str], index: LineIndex | None = None) -> None:
         self.files = files
+        self.index = index
         self.pos = 0
         self._index = -1
         self._f = None
@@ -203,6 +274,17 @@ class _Lines:
 
     def skip_to(self, target: int) -> bool:
         """Advance to line ``target``; False if the stream ends first."""
+        place = self.index.locate(target) if self.index is not None and target > self.pos else None
+        if place is not None:
+            number, line, offset = place
+            if self._f is None or self._index != number:
+                if self._f is not None:
+                    self._f.close()
+                self._index, self._path = number, self.files[number]
+                self._f = open(self._path, "rb", buffering=1 << 20)  # indexed: plain text
+            self._f.seek(offset)
+            self._buf, self._eof, self._number, self.pos = b"", False, line, target
+            return True
         while self.pos < target and self._current():
             need = target - self.pos
             count = self._buf.count(b"\n")
@@ -260,6 +342,13 @@ class CriteoTextStream(IterableDataset):
         self.epoch, self.first_batch = 0, 0  # see StreamLoader: resume at global batch first_batch
         self.malformed = 0
         self.first_malformed: str | None = None
+        self.index: LineIndex | None = None
+
+    def build_index(self) -> None:
+        """Index the batch starts of the plain text files (:class:`LineIndex`), so that each
+        reader seeks to its own batches: call it before the readers start (one scan here
+        instead of one per reader)."""
+        self.index = LineIndex(self.files, self.batch_size, self.max_samples)
 
     def parse(self, lines: list[tuple[str, int, bytes]], start: int):
         bulk = parse_lines_fast([text for _path, _number, text in lines])
@@ -300,7 +389,7 @@ class CriteoTextStream(IterableDataset):
         limit = None
         if self.max_samples is not None:
             limit = num_global_batches(self.max_samples, b, world, self.drop_last, first)
-        src = _Lines(self.files)
+        src = _Lines(self.files, self.index)
         pending, pending_end = None, 0
         k = first + reader.index
         while limit is None or k < limit:
@@ -509,8 +598,12 @@ class CriteoTSV(LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
+        stream = self.dataset(split)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if isinstance(stream, CriteoTextStream) and max(self.num_workers, 1) * world > 1:
+            stream.build_index()  # several readers: each seeks to its own batches
         # Pinned host batches on a GPU machine: DLRMModule copies them without blocking.
-        return StreamLoader(self.dataset(split), self.num_workers, self.trainer if train else None,
+        return StreamLoader(stream, self.num_workers, self.trainer if train else None,
                             pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

@@ -82,21 +82,31 @@ def test_malformed_counted_and_reported(tmp_path, caplog):
     assert "skipped 2 malformed lines" in caplog.text and "bad.tsv:2" in caplog.text
 
 
-@pytest.mark.parametrize("world,workers,drop_last,budget", [
-    (1, 2, True, None), (2, 2, True, None), (2, 3, False, None), (3, 2, True, 70)])
-def test_sharding_no_duplicates_no_losses(tmp_path, monkeypatch, world, workers, drop_last, budget):
-    files = [tmp_path / "a.tsv", tmp_path / "b.tsv.gz"]
+@pytest.mark.parametrize("world,workers,drop_last,budget,second", [
+    (1, 2, True, None, "gz"), (2, 2, True, None, "gz"), (2, 3, False, None, "gz"),
+    (3, 2, True, 70, "gz"), (2, 3, False, None, "plain"), (3, 2, True, 70, "plain"),
+    (1, 4, True, None, "plain")])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_sharding_no_duplicates_no_losses(tmp_path, monkeypatch, world, workers, drop_last, budget,
+                                          second, indexed):
+    """Readers that scan and readers that seek (line index: plain files; a gzip file after a
+    plain one is scanned) read the same lines: each exactly once."""
+    files = [tmp_path / "a.tsv", tmp_path / f"b.{'tsv.gz' if second == 'gz' else 'txt'}"]
     write_lines(files[0], 57)
     with open(tmp_path / "b.tsv", "w") as f:
         for n in range(57, 100):
             f.write(line(0, [n] + ["1"] * 12, ["0"] * 26))
-    files[1].write_bytes(gzip.compress((tmp_path / "b.tsv").read_bytes()))
+    raw = (tmp_path / "b.tsv").read_bytes()
+    files[1].write_bytes(gzip.compress(raw) if second == "gz" else raw)
     seen, per_rank = [], [0] * world
     for rank in range(world):
         for worker in range(workers):
             reader = Reader(index=worker * world + rank, count=world * workers, world_size=world)
             monkeypatch.setattr("datamodules.ctr.criteo.current_reader", lambda r=reader: r)
             stream = CriteoTextStream([str(p) for p in files], 8, (10,) * 26, budget, drop_last, "error")
+            if indexed:
+                stream.build_index()
+                assert len(stream.index.entries) == (1 if second == "gz" else 2)
             for batch in stream:
                 idx = batch.indices.tolist()
                 # int_0 holds the line number: the batch really holds those lines.
@@ -252,3 +262,41 @@ def test_block_line_reader_skips_and_takes_across_blocks_and_files(tmp_path, blo
             assert lines.take(count) == expected[start:start + count]
             assert lines.pos == min(start + count, 8)
     assert not _Lines([str(a)]).skip_to(6)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 8])
+@pytest.mark.parametrize("gz", [False, True])
+def test_line_index_seeks_to_the_same_lines_as_scanning(tmp_path, stride, gz, monkeypatch):
+    """With a line index (small scan blocks, so batch starts fall in every block position),
+    skipping lands on the same lines as the files' own, file:line included; the gzip file is
+    not indexed (it cannot seek) and is scanned."""
+    from datamodules.ctr.criteo import LineIndex, _Lines
+
+    a, b = tmp_path / "a.tsv", tmp_path / ("b.tsv.gz" if gz else "b.tsv")
+    a.write_bytes(b"l0\nline1\n\nl3 long line\nl4")  # 5 lines, the last without a newline
+    b.write_bytes(gzip.compress(b"m0\nm1\nm2\n") if gz else b"m0\nm1\nm2\n")
+    expected = [(str(a), 1, b"l0\n"), (str(a), 2, b"line1\n"), (str(a), 3, b"\n"),
+                (str(a), 4, b"l3 long line\n"), (str(a), 5, b"l4\n"),
+                (str(b), 1, b"m0\n"), (str(b), 2, b"m1\n"), (str(b), 3, b"m2\n")]
+    monkeypatch.setattr(LineIndex, "BLOCK", 4)
+    index = LineIndex([str(a), str(b)], stride)
+    assert [e[:3] for e in index.entries] == [(0, 0, 5)] + ([] if gz else [(1, 5, 3)])
+    # Hand-worked byte offsets of lines 0 .. 4 of a.tsv and 0 .. 2 of b.tsv.
+    starts = {0: (0, 0), 1: (0, 3), 2: (0, 9), 3: (0, 10), 4: (0, 23),
+              5: (1, 0), 6: (1, 3), 7: (1, 6)}
+    for target in range(8):
+        place = index.locate(target)
+        if target % stride == 0 and (target < 5 or not gz):
+            assert place == (starts[target][0], target - (0 if target < 5 else 5),
+                             starts[target][1])
+        else:
+            assert place is None
+    assert index.locate(8) is None
+    for start in range(9):
+        for count in (1, 2, 5):
+            lines = _Lines([str(a), str(b)], index)
+            if start > 1:  # seeking from a place already inside the stream, too
+                assert lines.take(1) == expected[:1]
+            assert lines.skip_to(start) == (start <= 8)
+            assert lines.take(count) == expected[start:start + count]
+            assert lines.pos == min(start + count, 8)
