@@ -38,7 +38,10 @@ class BatchStream(IterableDataset):
     Args:
         num_samples: the sample budget (indices ``0 .. num_samples - 1``).
         batch_size: samples per global batch (per rank).
-        make_batch: turns an int64 array of sample indices into a batch.
+        make_batch: turns an int64 array of sample indices into a batch. If it has
+            ``chunk_batches > 1`` and ``make_batches(spans)`` (a list of ``(start, stop)``
+            sample ranges to a list of batches), unshuffled batches are made that many at a time
+            (the same batches, in the same order).
         drop_last: drop a trailing partial batch and round the batch count down to a multiple
             of the world size (training); otherwise keep it (evaluation).
         shuffle_seed: ``None`` reads indices in order; an int permutes them, with a new
@@ -71,7 +74,14 @@ class BatchStream(IterableDataset):
         order = self._order(epoch)
         count = num_global_batches(self.num_samples, self.batch_size, reader.world_size,
                                    self.drop_last, first)
-        for k in batches_for_reader(count, reader, first):
+        ks = batches_for_reader(count, reader, first)
+        chunk = getattr(self.make_batch, "chunk_batches", 1)
+        if order is None and chunk > 1:  # several batches from one call: fewer, larger kernels
+            for i in range(0, len(ks), chunk):
+                yield from self.make_batch.make_batches(
+                    [batch_span(k, self.batch_size, self.num_samples) for k in ks[i:i + chunk]])
+            return
+        for k in ks:
             start, stop = batch_span(k, self.batch_size, self.num_samples)
             indices = np.arange(start, stop) if order is None else order[start:stop]
             yield self.make_batch(indices)
