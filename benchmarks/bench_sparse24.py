@@ -151,7 +151,8 @@ def end_to_end(models: list[str], batches: list[int], seq: int, iters: int, laye
           "speed-ups are over the dense graph, 'auto vs best dense' over the faster of dense eager and graph.\n")
     print("| model | batch x seq | tokens | dense eager ms | dense graph ms | 2:4 torch eager ms | 2:4 torch graph ms "
           "| 2:4 direct graph ms | 2:4 direct graphed speed-up | auto 2:4 ms (mode) | layers dense in auto "
-          "| auto + alg search 2:4 ms (mode) | auto runs | auto ms | auto vs best dense | max abs diff (2:4 vs dense) |")
+          "| auto + alg search 2:4 ms (mode) | auto runs | auto ms | auto vs best dense "
+          "| max abs diff (2:4 vs dense) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for model_name in models:

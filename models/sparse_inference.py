@@ -281,12 +281,13 @@ def search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tens
 
 
 def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: bool = False,
-                        calls: int = 20) -> dict[str, LayerTiming]:
+                        calls: int = 20, direct: bool = True) -> dict[str, LayerTiming]:
     """Dense vs 2:4 time of each layer at ``tokens`` input rows, inside CUDA graphs.
 
     Layers of equal ``(out, in, dtype, bias)`` are timed once. Weights must be CUDA fp16/bf16
     and 2:4 sparse (each is compressed once here for timing; the layers are not changed).
-    2:4 is timed through :func:`sparse24_linear`, the call the exported layers make. With
+    2:4 is timed through :func:`sparse24_linear`, the call the exported layers make (``direct=False``:
+    through torch's ``F.linear``, without the search). With
     ``alg_search`` cuSPARSELt's algorithm search picks the alg id per shape (searched and run on
     this very call; a failing alg is dropped); the faster of it and the default (0) is kept.
     """
@@ -303,14 +304,14 @@ def linear_timing_table(layers: dict[str, nn.Linear], tokens: int, alg_search: b
                 b = None if layer.bias is None else layer.bias.detach()
                 ws = to_sparse_semi_structured(w.contiguous())
                 dense_ms = graphed_ms(lambda: F.linear(x, w, b), calls)
-                direct = _direct_ok(x, ws)
+                use_direct = direct and _direct_ok(x, ws)
                 alg, config = 0, DEFAULT_CONFIG
                 try:
-                    sparse_ms = graphed_ms((lambda: sparse24_linear(x, ws, b)) if direct
+                    sparse_ms = graphed_ms((lambda: sparse24_linear(x, ws, b)) if use_direct
                                            else (lambda: F.linear(x, ws, b)), calls)
-                except RuntimeError:  # the direct call refused: time torch's path (what the layer falls back to)
-                    direct, sparse_ms = False, graphed_ms(lambda: F.linear(x, ws, b), calls)
-                if alg_search and direct:
+                except (RuntimeError, TypeError):  # the direct call refused: time torch's path (the layer's fallback)
+                    use_direct, sparse_ms = False, graphed_ms(lambda: F.linear(x, ws, b), calls)
+                if alg_search and use_direct:
                     found = search_alg_id(ws, x, b)
                     if found != DEFAULT_CONFIG:
                         try:
@@ -364,7 +365,7 @@ def prepare_sparse24(module: nn.Module, include: Iterable[str], exclude: Iterabl
         raise ValueError(f"prepare_sparse24: {len(refusals)} layer(s) cannot be exported to 2:4:\n{lines}\n"
                          f"exclude them (exclude=[...]) or fix them as said")
     if fallback:
-        table = linear_timing_table(layers, tokens, alg_search)
+        table = linear_timing_table(layers, tokens, alg_search, direct=direct)
         choice = choose_sparse_layers(table, min_speedup)
     else:
         table, choice = {}, FallbackChoice(list(layers), [], {n: float("nan") for n in layers})
