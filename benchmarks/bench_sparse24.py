@@ -210,6 +210,7 @@ def end_to_end(models: list[str], batches: list[int], seq: int, iters: int, laye
                             runner.reset()
 
                     dense_graph = cell("dense_g", graphed)
+
                     def sparse(direct: bool, eager: bool):
                         plan = prepare_sparse24(model, ENCODER, fallback=False, direct=direct)
                         try:
