@@ -268,9 +268,13 @@ def search_alg_id(sparse_weight: torch.Tensor, x: torch.Tensor, bias: torch.Tens
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     try:
         search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+        found = None
         if search is not None:  # (alg_id, split_k, split_k_mode, max_alg_id)
-            found = tuple(int(v) for v in search(sparse_weight.packed, x2.t(), bias, None, None, True)[:3])
-        else:
+            try:
+                found = tuple(int(v) for v in search(sparse_weight.packed, x2.t(), bias, None, None, True)[:3])
+            except (TypeError, RuntimeError, ValueError):
+                found = None
+        if found is None:  # the older (deprecated) search: the alg id only
             found = (int(torch._cslt_sparse_mm_search(sparse_weight.packed, x2.t(), bias=bias,
                                                       transpose_result=True)), 1, -1)
         sparse24_linear(x2, sparse_weight, bias, found)
