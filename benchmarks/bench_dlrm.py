@@ -22,6 +22,7 @@ and data throughput of the CTR readers, all in samples/s and as ratios measured 
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import statistics
 import tempfile
@@ -316,6 +317,11 @@ def main() -> None:
             for key, fn, data in (("raw", raw_fused, batches), ("pipe", raw_pipeline, host),
                                   ("lit", lightning_loop, batches),
                                   ("lit_host", lightning_loop, host)):
+                # The previous loop's model freed first (its tables are GBs at 1M rows, and
+                # its objects would otherwise be collected inside the next loop's clock).
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 rate = run_rows(f"{key} V={rows}", fn, kwargs, dm.schema, data, args.warmup, device)
                 if rate is not None:
                     results[key].append(rate)
