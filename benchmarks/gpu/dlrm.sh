@@ -27,7 +27,8 @@ python3 -c "import torch, torchrec, fbgemm_gpu; print('torch', torch.__version__
 section "GPU tests"
 python3 -m pytest -m gpu tests/models/dlrm/test_dlrm_gpu.py -q -p no:cacheprovider \
   -W ignore >"$WORK/tests.log" 2>&1 || status=1
-tail -n 30 "$WORK/tests.log"
+grep -E "^E |^[a-z_/]+\.py:[0-9]+: " "$WORK/tests.log" | cut -c1-400 | head -n 60  # each failure: message, place
+grep -E "^(FAILED|ERROR) |^[0-9]+ (passed|failed)|passed|skipped" "$WORK/tests.log" | tail -n 12
 
 export CUDA_VISIBLE_DEVICES=0
 section "bench_dlrm.py"
