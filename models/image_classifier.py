@@ -162,7 +162,8 @@ class ImageClassifier(ClassifierModule):
         compile_backend: ``"inductor"`` (code generation), or ``"aot_eager"`` / ``"eager"`` to
             trace only (checks the graph quickly on a CPU).
         compile_dynamic: ``torch.compile(dynamic=...)``; ``false`` specialises each keep count
-            and batch size (fastest kernels), ``true`` makes shapes symbolic.
+            and batch size (fastest kernels), ``true`` makes the batch size symbolic (ViT/DeiT;
+            tracing Swin's structured drop symbolically takes minutes).
         optimizer, lr_scheduler, lr_scheduler_interval: see :class:`lit.module.LitModule`.
 
     Logged at train time: ``train/loss``, ``train/acc``, ``train/images_per_s``,

@@ -111,6 +111,18 @@ def test_random_schedule_compiles_once_per_keep_rate(backbone) -> None:
     assert not counters["graph_break"]
 
 
+def test_dynamic_batch_matches_eager() -> None:
+    """compile_dynamic: one graph for two batch sizes, eager's result under the same seed."""
+    eager, compiled = pair(DEIT, keep_rate=0.5, compile_backend="eager", compile_dynamic=True)
+    for batch in (2, 3):
+        images = torch.randn(batch, 1, 28, 28)
+        torch.manual_seed(batch)
+        expected = eager.train()(images)
+        torch.manual_seed(batch)
+        torch.testing.assert_close(compiled.train()(images), expected, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_state_dict_is_the_same_with_and_without_compile(tmp_path) -> None:
     eager, compiled = pair(DEIT, keep_rate=0.5, compile_backend="eager")
     assert list(compiled.state_dict()) == list(eager.state_dict())
