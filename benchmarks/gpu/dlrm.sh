@@ -7,7 +7,7 @@
 #
 #   benchmarks/gpu/dlrm.sh smoke   # every path, tiny sizes: about 1.5 minutes (the two-GPU test
 #                                  # adds ~30 s when two GPUs are visible)
-#   benchmarks/gpu/dlrm.sh full    # the numbers: about 6 minutes (under 7.5)
+#   benchmarks/gpu/dlrm.sh full    # the numbers: about 5 minutes
 #
 # Run from the repository root with the repository on PYTHONPATH (torchrec and fbgemm-gpu
 # installed). Benchmarks use GPU 0 only; the tests may use two GPUs.
@@ -35,9 +35,9 @@ section "bench_dlrm.py"
 if [ "$MODE" = full ]; then
   WORKERS=(1 2 4 8)
   if [ "$(nproc)" -ge 24 ]; then WORKERS+=(16); fi  # 16 reader processes need the cores
-  BENCH=(--rows 100000 1000000 --steps 150 --warmup 10 --rounds 3 --dense-steps 10
+  BENCH=(--rows 100000 1000000 --steps 100 --warmup 10 --rounds 3 --dense-steps 10
          --reader-samples 524288 --workers "${WORKERS[@]}")
-  LIMIT=420
+  LIMIT=230
 else
   BENCH=(--rows 10000 --steps 10 --warmup 3 --rounds 1 --dense-steps 3
          --reader-samples 32768 --workers 2)
