@@ -35,9 +35,9 @@ section "bench_dlrm.py"
 if [ "$MODE" = full ]; then
   WORKERS=(1 2 4 8)
   if [ "$(nproc)" -ge 24 ]; then WORKERS+=(16); fi  # 16 reader processes need the cores
-  BENCH=(--rows 100000 1000000 --steps 100 --warmup 10 --rounds 3 --dense-steps 10
+  BENCH=(--rows 100000 1000000 --steps 100 --warmup 10 --rounds 2 --dense-steps 10
          --reader-samples 524288 --workers "${WORKERS[@]}")
-  LIMIT=230
+  LIMIT=240
 else
   BENCH=(--rows 10000 --steps 10 --warmup 3 --rounds 1 --dense-steps 3
          --reader-samples 32768 --workers 2)
