@@ -87,9 +87,7 @@ def shard_with_fused_optimizer(
     constraints = {name: ParameterConstraints(
         sharding_types=list(types), compute_kernels=[EmbeddingComputeKernel.FUSED.value])
         for name in tables}
-    world = dist.get_world_size()
-    topology = Topology(world_size=world, compute_device=device.type,
-                        local_world_size=min(world, torch.cuda.device_count()) if device.type == "cuda" else world)
+    topology = planner_topology(device, dist.get_world_size())
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
@@ -102,6 +100,22 @@ def shard_with_fused_optimizer(
         # (the host); torchrec's own wrapper moves them with ``.to(device)``, so do the same.
         dmp.module.to(device)
     return dmp
+
+
+def planner_topology(device: torch.device, world: int, hbm_bytes: int | None = None) -> Topology:
+    """The planner's view of the machine: ``world`` ranks with ``hbm_bytes`` of GPU memory each.
+
+    torchrec's ``Topology`` assumes 32 GB of HBM per GPU unless told otherwise, so without this
+    the planner refuses tables that fit an H200 (141 GB) easily ("insufficient storage").
+    ``hbm_bytes`` defaults to the total memory of ``device`` (the planner keeps its own 15%
+    reserve).
+    """
+    if device.type != "cuda":
+        return Topology(world_size=world, compute_device=device.type, local_world_size=world)
+    if hbm_bytes is None:
+        hbm_bytes = torch.cuda.get_device_properties(device).total_memory
+    return Topology(world_size=world, compute_device="cuda", hbm_cap=hbm_bytes,
+                    local_world_size=min(world, max(1, torch.cuda.device_count())))
 
 
 def dense_named_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:

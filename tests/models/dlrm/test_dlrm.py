@@ -289,3 +289,35 @@ def test_cli_fit_with_logger_and_eval_at_samples(tmp_path):
         tags |= set(acc.Tags()["scalars"])
     assert {"eval_at/logloss", "train/progressive_loss", "val/auroc", "test/ne"} <= tags
     assert list(tmp_path.rglob("last.ckpt"))
+
+
+def test_planner_sees_the_gpu_memory_not_torchrec_default_32gb():
+    """26 tables x 4M x 128 fp32 = 53.2 GB: more than torchrec's default 32 GB per GPU (minus its
+    15% reserve), well within an H200's 141 GB. Planned for one GPU on the CPU (the planner only
+    estimates), the tables must fit with the real memory and not with the default."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner.types import PlannerError
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    from models.dlrm.sharded import planner_topology
+
+    names = [f"t{i}" for i in range(26)]
+    shape = dlrm_shape(embedding_dim=128, num_embeddings=4_000_000, cardinalities=[4_000_000] * 26,
+                       num_dense=13, dense_arch_layer_sizes=[512, 256, 128],
+                       over_arch_layer_sizes=[1024, 1024, 512, 256, 1])
+    assert shape.embedding_parameters() * 4 == 26 * 4_000_000 * 128 * 4  # 53.2 GB in fp32
+    constraints = {f"t_{n}": ParameterConstraints(
+        sharding_types=["table_wise"], compute_kernels=[EmbeddingComputeKernel.FUSED.value])
+        for n in names}
+
+    def plan(topology):
+        return EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(
+            build_dlrm(shape, tuple(names)), get_default_sharders())
+
+    h200 = planner_topology(torch.device("cuda"), 1, hbm_bytes=141 * 10**9)
+    assert h200.devices[0].storage.hbm == 141 * 10**9
+    tables = plan(h200).plan["sparse_arch.embedding_bag_collection"]
+    assert len(tables) == 26 and {p.ranks[0] for p in tables.values()} == {0}
+    with pytest.raises(PlannerError, match="insufficient storage"):
+        plan(Topology(world_size=1, compute_device="cuda"))  # torchrec's 32 GB default
