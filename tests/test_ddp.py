@@ -59,3 +59,27 @@ def test_bert_two_process_ddp_keeps_masks(tmp_path: Path) -> None:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     pruned = [k for k in state if ".encoder." in k and k.endswith(".weight") and state[k].ndim == 2]
     assert pruned and all(is_nm_sparse(state[k], 2, 4) for k in pruned)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_sigterm_on_rank_zero_stops_both_gloo_ranks_at_one_step(tmp_path: Path) -> None:
+    """The CPU twin of tests/test_multi_gpu.py's signal test (gloo: the flag's own group is WORLD).
+    Only rank 0 gets SIGTERM; rank 1 must learn of it and stop after the same step."""
+    import json
+
+    stopper = json.dumps({"class_path": "tests.test_multi_gpu.SignalRankZero",
+                          "init_args": {"out_dir": str(tmp_path), "at_step": 3}})
+    proc = run_lit(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *DDP,
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=0",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_epochs=1",
+                    "--test_after_fit=false", f"--trainer.callbacks+={stopper}"], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-3000:]
+    stops = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0] == stops[1] == {"step": 3, "exception": "StopRequested"}
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert "[lit] SIGTERM received" in out  # our handler ran, not Lightning's SIGTERMException
+    assert "SIGTERM: checkpoint of step 3" in out
+    assert "resume with: python -m lit fit" in out and f"--ckpt_path {ckpt}" in out

@@ -82,6 +82,25 @@ def last_logged(csv_root: Path, name: str) -> float:
     return values[-1]
 
 
+class SignalRankZero(Callback):
+    """Sends SIGTERM to rank 0's own process (the one a scheduler or Ctrl-C reaches) after optimizer
+    step ``at_step``; every rank writes the step it stopped at. Rank 1 gets no signal: it must
+    learn of it through SignalCheckpoint's per-step agreement."""
+
+    def __init__(self, out_dir: str, at_step: int) -> None:
+        self.out_dir, self.at_step = Path(out_dir), at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == self.at_step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        (self.out_dir / f"stop{trainer.global_rank}.json").write_text(json.dumps(
+            {"step": trainer.global_step, "exception": type(exception).__name__}))
+
+
 def reports(out_dir: Path) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -194,3 +213,21 @@ def test_dlrm_forced_sharding_and_sharded_checkpoint_on_one_gpu(tmp_path: Path, 
     # Resume on 2 GPUs for a second epoch from the sharded files.
     lit(["fit", "--config", str(config), "--trainer.max_epochs=2", f"--ckpt_path={ckpt}",
          "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path / 'resumed'}"])
+
+
+def test_sigterm_on_rank_zero_stops_both_ranks_at_one_step_with_a_checkpoint(tmp_path: Path) -> None:
+    stopper = json.dumps({"class_path": "tests.test_multi_gpu.SignalRankZero",
+                          "init_args": {"out_dir": str(tmp_path), "at_step": 8}})
+    proc = run_lit(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *GPU2,
+                    f"--data.init_args.data_dir={FMNIST}", f"--trainer.default_root_dir={tmp_path}",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_epochs=1",
+                    "--test_after_fit=false", f"--trainer.callbacks+={stopper}"],
+                   timeout=600, env=NCCL_ENV)
+    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-3000:]
+    stops = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0] == stops[1] == {"step": 8, "exception": "StopRequested"}
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 8
+    out = proc.stdout + proc.stderr
+    assert "SIGTERM: checkpoint of step 8" in out
+    assert "resume with: python -m lit fit" in out and f"--ckpt_path {ckpt}" in out
