@@ -87,7 +87,8 @@ def shard_with_fused_optimizer(
     constraints = {name: ParameterConstraints(
         sharding_types=list(types), compute_kernels=[EmbeddingComputeKernel.FUSED.value])
         for name in tables}
-    topology = planner_topology(device, dist.get_world_size())
+    world = dist.get_world_size()
+    topology = planner_topology(device, world)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
