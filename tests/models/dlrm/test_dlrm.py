@@ -321,3 +321,22 @@ def test_planner_sees_the_gpu_memory_not_torchrec_default_32gb():
     assert len(tables) == 26 and {p.ranks[0] for p in tables.values()} == {0}
     with pytest.raises(PlannerError, match="insufficient storage"):
         plan(Topology(world_size=1, compute_device="cuda"))  # torchrec's 32 GB default
+
+
+def test_eval_at_samples_evaluates_without_autograd():
+    from callbacks.eval_at_samples import evaluate
+
+    dm = SyntheticCTR(batch_size=64, train_samples=128, val_samples=128, test_samples=64,
+                      cardinalities=[50, 20, 7], num_dense=3)
+    dm.setup("fit")
+    module = DLRMModule(embedding_dim=4, num_embeddings=64, dense_arch_layer_sizes=[8, 4],
+                        over_arch_layer_sizes=[8, 1], num_dense_features=3,
+                        sparse_feature_names=list(dm.schema.sparse_names),
+                        sparse_cardinalities=list(dm.schema.cardinalities))
+    module.build("cpu")
+    grad_modes = []
+    module.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    module.train()
+    result = evaluate(module, dm.val_dataloader(), torch.device("cpu"))
+    assert grad_modes == [False, False] and module.training  # 2 batches, mode restored
+    assert 0.0 <= result["auroc"] <= 1.0 and torch.is_grad_enabled()
