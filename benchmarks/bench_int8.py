@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models.int8 as int8  # noqa: E402
+from models.sparse_inference import warm_up_for_capture  # noqa: E402
 from models.int8 import Int8Linear, OutlierCounter, absmax_quantize, quantize_model, weight_bytes  # noqa: E402
 
 MODELS = {  # name: (layers, hidden, heads, ffn)
@@ -48,13 +49,8 @@ SEQ = 128
 
 def timed(fn, iters: int, repeats: int, graph: bool) -> float:
     """Median milliseconds per call of ``fn`` over ``repeats`` windows of ``iters`` calls."""
-    if graph:  # warm up on a side stream, as capture requires
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
+    if graph:
+        warm_up_for_capture(fn)
     else:
         for _ in range(3):
             fn()

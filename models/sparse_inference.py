@@ -143,17 +143,23 @@ def choose_sparse_layers(table: dict[str, LayerTiming | tuple[float, float]],
     return FallbackChoice(sparse, dense, speedups)
 
 
+def warm_up_for_capture(fn: Callable[[], object], calls: int = 3, device=None) -> None:
+    """Run ``fn()`` ``calls`` times on a side stream, as CUDA graph capture requires (library
+    handles, plans and workspaces are created outside the capture)."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
 def graphed_ms(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> float:
     """Median milliseconds of one ``fn()`` call, replayed from a CUDA graph of ``calls`` calls.
 
     The graph removes the host-side cost of each call, as :class:`BucketedRunner` does.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    warm_up_for_capture(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for _ in range(calls):
@@ -633,12 +639,7 @@ class BucketedRunner:
 
     def _capture(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple:
         static_ids, static_mask = ids.clone(), None if mask is None else mask.clone()
-        stream = torch.cuda.Stream(device=ids.device)
-        stream.wait_stream(torch.cuda.current_stream(ids.device))
-        with torch.cuda.stream(stream):  # warm-up: library handles, plans, workspaces
-            for _ in range(2):
-                self.fn(static_ids, static_mask)
-        torch.cuda.current_stream(ids.device).wait_stream(stream)
+        warm_up_for_capture(lambda: self.fn(static_ids, static_mask), 2, ids.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread) may go on
         # during the capture; only this thread's unsafe calls are errors.
