@@ -16,6 +16,14 @@ from pathlib import Path
 import torch
 
 CLASS_KEY = "lit_module_class"
+META_FILE = "meta.pt"  # of a sharded checkpoint: everything but the sharded tensors
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A folder written with ``torch.distributed.checkpoint`` plus :data:`META_FILE` (what
+    :class:`models.dlrm.strategy.TorchrecDDPStrategy` writes by default)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / META_FILE).is_file()
 
 
 def class_path(obj: object) -> str:
@@ -32,8 +40,6 @@ def check_checkpoint(path: str | Path, model_class: str | None = None) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        from models.dlrm.strategy import META_FILE, is_sharded_checkpoint
-
         if not is_sharded_checkpoint(path):
             raise ValueError(f"--ckpt_path {str(path)!r} is a folder but not a sharded "
                              f"checkpoint (no .metadata and {META_FILE}); give a .ckpt file or "

@@ -37,7 +37,8 @@ from typing_extensions import override
 
 from callbacks.run_hparams import RunHparams, flat_hparams
 from callbacks.signal_checkpoint import SignalCheckpoint, StopRequested
-from lit.checkpoints import check_checkpoint, resolve_class_path, version_of_checkpoint
+from lit.checkpoints import (check_checkpoint, is_sharded_checkpoint, resolve_class_path,
+                             version_of_checkpoint)
 from lit.module import LitModule
 import lit.optim.adan  # noqa: F401  (makes --optimizer Adan resolve)
 
@@ -133,8 +134,6 @@ class LitCLI(LightningCLI):
         model = self.config[subcommand].get("model")
         model_class = model.get("class_path") if model is not None else None
         strategy = self.config[subcommand].get("trainer", {}).get("strategy")
-        from models.dlrm.strategy import is_sharded_checkpoint
-
         if is_sharded_checkpoint(ckpt_path) and not _is_torchrec_strategy(strategy):
             sys.stderr.write(f"error: --ckpt_path {ckpt_path!r} is a sharded checkpoint (a DCP "
                              "folder): load it with --trainer.strategy torchrec_ddp (any "

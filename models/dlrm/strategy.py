@@ -30,15 +30,10 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lit.checkpoints import META_FILE, is_sharded_checkpoint
+
 NAME = "torchrec_ddp"
-META_FILE = "meta.pt"  # everything but the sharded tensors, written by rank 0
 StateDictType = Literal["sharded", "full"]
-
-
-def is_sharded_checkpoint(path: _PATH) -> bool:
-    """A folder written by :class:`TorchrecDDPStrategy` with ``state_dict_type="sharded"``."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / META_FILE).is_file()
 
 
 class TorchrecDDPStrategy(DDPStrategy):
@@ -156,10 +151,8 @@ class TorchrecDDPStrategy(DDPStrategy):
             return super().load_checkpoint(path, weights_only=weights_only)
         from torch.distributed.checkpoint import load
 
-        module = self.lightning_module
+        module = self.lightning_module  # built: the Trainer calls configure_model before restoring
         assert module is not None, "the LightningModule must be attached before loading"
-        if getattr(module, "model", True) is None:  # DLRMModule builds DMP in configure_model
-            module.configure_model()
         checkpoint = torch.load(path / META_FILE, map_location="cpu",
                                 weights_only=weights_only is not False)
         target = {"state_dict": module.state_dict()}

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from lit.checkpoints import check_checkpoint
-from models.dlrm.strategy import META_FILE, TorchrecDDPStrategy, is_sharded_checkpoint
+from lit.checkpoints import META_FILE, check_checkpoint, is_sharded_checkpoint
+from models.dlrm.strategy import TorchrecDDPStrategy
 from tests.conftest import run_lit
 
 
