@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.energy_monitor import EnergyMonitor  # noqa: E402
 from callbacks.zeus import ZeusCallback  # noqa: E402
-from lit.energy import EnergyMeter  # noqa: E402
-from lit.nvml import PynvmlNVML  # noqa: E402
+from lit.energy.meter import EnergyMeter  # noqa: E402
+from lit.energy.nvml import PynvmlNVML  # noqa: E402
 
 
 class ReadOnlyNVML(PynvmlNVML):

@@ -1,11 +1,11 @@
 """Zeus's power-limit optimizer on a simulated H200: energy and time of a whole training run.
 
-The GPU is :class:`lit.nvml.FakeNVML` fed :func:`lit.nvml.h200_like_profile` (limits 200-700 W)
-anchored at what DeiT-S (batch 256, bf16) measured on one H200 at its 700 W limit
-(``benchmarks/bench_energy_monitor.py``): 636 W drawn, 45.3 ms per step, 82 W idle. How much of
-the step slows down with the clock (``--memory-bound``: the share that does not) is not
+The GPU is :class:`lit.energy.fake.FakeNVML` fed :func:`lit.energy.fake.h200_like_profile`
+(limits 200-700 W) anchored at what DeiT-S (batch 256, bf16) measured on one H200 at its 700 W
+limit (``benchmarks/bench_energy_monitor.py``): 636 W drawn, 45.3 ms per step, 82 W idle. How
+much of the step slows down with the clock (``--memory-bound``: the share that does not) is not
 measured, so three values are shown. Each run trains ``--epochs`` x ``--steps-per-epoch`` steps
-with :class:`lit.power_limit.PowerLimitOptimizer` (profiling included, exactly what
+with :class:`lit.energy.power_limit.PowerLimitOptimizer` (profiling included, exactly what
 :class:`callbacks.ZeusCallback` runs), against the same run at the maximum limit and at the
 brute-force optimum (best fixed limit over the 21 candidates, no profiling cost). ``--noise``
 adds relative Gaussian noise to every step time (the measurements then see noise, the totals
@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import random
 
-from lit.nvml import FakeNVML, PowerProfile, h200_like_profile
-from lit.power_limit import PowerLimitOptimizer, candidate_limits, zeus_cost
+from lit.energy.cost import zeus_cost
+from lit.energy.fake import FakeNVML, PowerProfile, h200_like_profile
+from lit.energy.power_limit import PowerLimitOptimizer, candidate_limits
 
 BATCH = 256
 

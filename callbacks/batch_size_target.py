@@ -7,15 +7,17 @@ beta x the best cost seen so far: such a run is recorded as not converged, whate
 have reached), and writes the outcome to ``result_path`` as JSON, atomically (a temporary file
 renamed over the target), so a reader sees the whole result or none.
 
-Cost is :func:`lit.batch_size.cost.zeus_cost` of the training wall time since ``on_train_start``
+Cost is :func:`lit.energy.cost.run_cost` of the training wall time since ``on_train_start``
 (validation included, as in Zeus; process start-up and the final test excluded) and, on a CUDA
 device, of the GPU energy over the same span from NVML's energy counter
-(:class:`lit.energy.EnergyMeter`, the same measurement as :class:`callbacks.EnergyMonitor`).
+(:class:`lit.energy.meter.EnergyMeter`, the same measurement as :class:`callbacks.EnergyMonitor`).
 The counter is read (with a device sync) only at validation ends and when the run stops; the
 per-step check against ``cost_limit`` extrapolates energy at the last measured average power.
 MaxPower defaults to the GPU's highest power limit times the number of processes, and in a
-multi-process run the energy is this process's GPU times the number of processes (data-parallel
-GPUs draw alike). Off CUDA (or with ``measure_energy: false``) the cost is seconds.
+multi-process run the energy is the sum of every process's GPU
+(:func:`lit.energy.aggregate.reduce_over_ranks`: every process reads at the same points, the
+validation ends and the end of training, so the collective lines up). Off CUDA (or with
+``measure_energy: false``) the cost is seconds.
 
 States (``self.state``): ``"running"`` -> ``"reached"`` (target met at a validation) |
 ``"stopped"`` (cost passed ``cost_limit``; checked after every training batch, or with several
@@ -37,9 +39,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit.batch_size.cost import check_eta, zeus_cost
-from lit.energy import EnergyMeter, Reading, open_device
-from lit.nvml import NVML
+from lit.energy.aggregate import reduce_over_ranks
+from lit.energy.cost import check_eta, run_cost
+from lit.energy.meter import EnergyMeter, Reading, open_device
+from lit.energy.nvml import NVML
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
@@ -91,14 +94,13 @@ class BatchSizeTarget(Callback):
             raise ValueError(f"max_power_w must be > 0 W or null, got {max_power_w!r}")
         self.monitor, self.target, self.mode = monitor, float(target), mode
         self.result_path, self.cost_limit = result_path, cost_limit
-        self.eta, self.max_power_w = check_eta(eta), max_power_w
+        self.eta, self.max_power_w = check_eta(eta, "eta"), max_power_w
         self.measure_energy = measure_energy
         # The GPU interface; None opens the real one on a CUDA run. Set it before fit to
-        # measure through another implementation (lit.nvml.FakeNVML).
+        # measure through another implementation (lit.energy.fake.FakeNVML).
         self.nvml: NVML | None = None
         self._meter: EnergyMeter | None = None
         self._e0: Reading | None = None
-        self._scale = 1  # processes whose GPUs this one's energy stands for
         self._power_w = 0.0  # average power at the last counter reading
         self._max_power_w = max_power_w
         self.state = "running"
@@ -110,14 +112,15 @@ class BatchSizeTarget(Callback):
     # -- measurement -------------------------------------------------------------------------
     def energy_j(self, trainer: Trainer, exact: bool = True) -> float | None:
         """GPU energy since training started (all processes), or ``None`` when not measured.
-        ``exact=False`` extrapolates at the last measured power instead of reading (no sync)."""
+        ``exact=False`` extrapolates at the last measured power instead of reading (no sync).
+        ``exact=True`` is a collective in a multi-process run: every process calls it together."""
         if self._meter is None or self._e0 is None or self._start is None:
             return None
         if not exact:
             return self._power_w * (time.perf_counter() - self._start)
         m = self._meter.since(self._e0)
-        energy = m.energy_j * self._scale
         elapsed = time.perf_counter() - self._start
+        energy, _, _ = reduce_over_ranks(trainer.strategy, m.energy_j, elapsed, 0)
         self._power_w = energy / elapsed if elapsed > 0 else 0.0
         return energy
 
@@ -133,8 +136,8 @@ class BatchSizeTarget(Callback):
             energy_j = self.energy_j(trainer, exact)
             time_s = time.perf_counter() - self._start
         if energy_j is None or self._max_power_w is None:
-            return zeus_cost(time_s, None)
-        return zeus_cost(time_s, energy_j, self.eta, self._max_power_w)
+            return run_cost(None, time_s)
+        return run_cost(energy_j, time_s, self.eta, self._max_power_w)
 
     def _freeze(self, trainer: Trainer) -> None:
         """End the measurement: the cost is taken when the run meets its target or is stopped,
@@ -152,7 +155,7 @@ class BatchSizeTarget(Callback):
             opened = open_device(pl_module.device, self.nvml, "BatchSizeTarget", rank_zero_info)
             if opened is not None:
                 nvml, index, sync = opened
-                self._meter, self._scale = EnergyMeter(nvml, [index], sync), trainer.world_size
+                self._meter = EnergyMeter(nvml, [index], sync)
                 if self.max_power_w is None:
                     self._max_power_w = nvml.power_limit_range(index)[1] * trainer.world_size
         self._e0 = self._meter.read() if self._meter is not None else None

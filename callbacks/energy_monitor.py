@@ -1,22 +1,24 @@
 """GPU energy of training, per epoch and every N steps, from NVML's energy counter.
 
-The measurement Zeus (You, Chung, Chowdhury, NSDI'23) builds on (:mod:`lit.energy`): the
+The measurement Zeus (You, Chung, Chowdhury, NSDI'23) builds on (:mod:`lit.energy.meter`): the
 device is synchronised and NVML read only at window boundaries (every ``log_every_n_steps``
 steps, at validation's start and end, at the epoch's end), never per step. Validation inside an
 epoch is left out, so the figures are per *training* sample. Where the counter is missing or a
-window is shorter than its update period, energy is average power x time.
+window is shorter than its update period, energy is average power x time. Over the processes
+of a distributed run energy and samples are summed, time maxed
+(:func:`lit.energy.aggregate.reduce_over_ranks`).
 """
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lit.energy import EnergyMeter, Reading, energy_between, open_device
-from lit.nvml import NVML
+from lit.energy.aggregate import reduce_over_ranks
+from lit.energy.meter import EnergyMeter, Reading, energy_between, open_device
+from lit.energy.nvml import NVML
 
 
 class _Totals:
@@ -47,7 +49,7 @@ class EnergyMonitor(Callback):
             raise ValueError(f"log_every_n_steps must be >= 1 or null, got {log_every_n_steps!r}")
         self.log_every_n_steps = log_every_n_steps
         # The GPU interface; None opens the real one on a CUDA run. Set it before fit to
-        # measure through another implementation (lit.nvml.FakeNVML, callbacks.SimulatedGPU).
+        # measure through another implementation (lit.energy.fake.FakeNVML, callbacks.SimulatedGPU).
         self.nvml: NVML | None = None
         self.history: list[dict[str, float]] = []
         self._meter: EnergyMeter | None = None
@@ -73,21 +75,15 @@ class EnergyMonitor(Callback):
         self._mark = now
 
     def _emit(self, trainer: Trainer, totals: _Totals, prefix: str) -> None:
-        # Every process reaches the same boundaries, so these collectives line up.
-        strategy = trainer.strategy
-        sums = torch.tensor([totals.energy_j, float(totals.samples)], dtype=torch.float64,
-                            device=strategy.root_device)
-        sums = strategy.reduce(sums, reduce_op="sum")
-        time_s = torch.tensor(totals.time_s, dtype=torch.float64, device=strategy.root_device)
-        if trainer.world_size > 1:
-            time_s = strategy.reduce(time_s, reduce_op=torch.distributed.ReduceOp.MAX)
-        energy, samples, time_s = float(sums[0]), float(sums[1]), float(time_s)
+        # Every process reaches the same boundaries, so this collective lines up.
+        energy, time_s, samples = reduce_over_ranks(trainer.strategy, totals.energy_j, totals.time_s,
+                                                    totals.samples)
         row = {f"energy/{prefix}J_per_sample": energy / samples if samples else 0.0,
                f"energy/{prefix}power_W": energy / time_s if time_s > 0 else 0.0}
         if prefix:
             row.update({"energy/epoch_J": energy, "energy/epoch_time_s": time_s})
         self.history.append({"epoch": float(trainer.current_epoch), "step": float(trainer.global_step),
-                             "samples": samples, **row})
+                             "samples": float(samples), **row})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(row, step=trainer.global_step)

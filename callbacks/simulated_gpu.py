@@ -1,7 +1,7 @@
 """A simulated GPU for the energy callbacks: Zeus's decisions on a CPU, from YAML.
 
 :class:`SimulatedGPU` gives every :class:`callbacks.EnergyMonitor` and
-:class:`callbacks.ZeusCallback` of the run a :class:`lit.nvml.FakeNVML` (one GPU per process)
+:class:`callbacks.ZeusCallback` of the run a :class:`lit.energy.fake.FakeNVML` (one GPU per process)
 and runs one simulated GPU step per training step, so the power-limit search, the profile file
 and the restore paths can be tried end to end without a GPU, and without touching one.
 The real training still runs (on the CPU); only power, energy and time come from the profile.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lit.nvml import FakeNVML, PowerProfile, h200_like_profile
+from lit.energy.fake import FakeNVML, PowerProfile, h200_like_profile
 
 
 class SimulatedGPU(Callback):
@@ -20,7 +20,7 @@ class SimulatedGPU(Callback):
 
     Args:
         profile_path: JSON ``{"rows": [[limit W, step time s, power W], ...]}``; ``null``:
-            the H200-like model of :func:`lit.nvml.h200_like_profile` (200-700 W).
+            the H200-like model of :func:`lit.energy.fake.h200_like_profile` (200-700 W).
         state_path: a JSON file mirroring the simulated limits on every change (``null``: none).
     """
 

@@ -1,9 +1,11 @@
 """Zeus's GPU power-limit optimizer (You, Chung, Chowdhury, NSDI'23) as a Lightning callback.
 
 The method, its state machine and the decisions where the paper is silent are in
-:mod:`lit.power_limit`; this file wires it to Lightning's hooks, to NVML (:mod:`lit.nvml`), to
-the processes of a distributed run, and to the ways a run can end (fit end, exception,
-SIGINT / SIGTERM, interpreter exit), each of which puts the original limit back.
+:mod:`lit.energy.power_limit`; this file wires it to Lightning's hooks, to NVML
+(:mod:`lit.energy.nvml`), to the processes of a distributed run
+(:func:`lit.energy.aggregate.reduce_over_ranks`), to checkpoints (the profile's progress is
+callback state) and to the ways a run can end (fit end, exception, SIGINT / SIGTERM,
+interpreter exit), each of which puts the original limit back.
 """
 
 from __future__ import annotations
@@ -11,35 +13,43 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+from functools import partial
 from types import FrameType
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lit.energy import open_device
-from lit.nvml import NVML
-from lit.power_limit import PowerLimitOptimizer, check_settings
+from lit.energy.aggregate import reduce_over_ranks
+from lit.energy.meter import open_device
+from lit.energy.nvml import NVML
+from lit.energy.power_limit import PowerLimitOptimizer, check_settings
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ZeusCallback(Callback):
-    """Pick the GPU power limit that minimises ``eta * Energy + (1 - eta) * MaxPower * Time``.
+    """Pick the GPU power limit that minimises ``eta * Energy + (1 - eta) * MaxPower * Time``,
+    or the lowest one within a slowdown factor of the fastest.
 
     During the first epoch each candidate limit (maximum down to minimum in ``pl_step_watts``
-    steps) runs ``warmup_steps`` steps, then ``profile_steps`` measured steps; the cheapest one
-    per sample is kept for the rest of training and re-applied at each epoch's start. Setting a
+    steps) runs ``warmup_steps`` steps, then ``profile_steps`` measured steps; the best one per
+    sample is kept for the rest of training and re-applied at each epoch's start. Setting a
     limit needs root or ``CAP_SYS_ADMIN``; without it ``apply`` warns once and observes.
     The original limit comes back at fit end, on exceptions, on SIGINT / SIGTERM and at exit.
-    Without a CUDA device (or NVML) it says so once and does nothing.
+    Checkpoints hold the profile's progress: a resumed run profiles on from the next unmeasured
+    limit, or trains on at the chosen one (a checkpoint of another limit range or candidate list
+    is dropped with a warning and the profile starts again). Without a CUDA device (or NVML) it
+    says so once and does nothing.
 
     Args:
         eta_knob: weight of energy against time in [0, 1] (1: energy only, 0: time only).
+        max_slowdown: ``null``: choose by the ``eta_knob`` cost. A factor >= 1.0 (zeus's
+            ``MaxSlowdownConstraint``, e.g. 1.1): choose the lowest limit whose time per sample is
+            at most this times the fastest measured one; ``eta_knob`` is then unused.
         warmup_steps: steps at a new limit before measuring it.
         profile_steps: measured steps per limit.
         pl_step_watts: spacing of the candidate limits in W.
@@ -52,9 +62,12 @@ class ZeusCallback(Callback):
 
     def __init__(self, eta_knob: float = 0.5, warmup_steps: int = 10, profile_steps: int = 40,
                  pl_step_watts: int = 25, mode: Literal["apply", "observe"] = "apply",
-                 profile_path: str | None = None, reprofile_every_n_epochs: int | None = None) -> None:
-        check_settings(eta_knob, warmup_steps, profile_steps, pl_step_watts, mode, reprofile_every_n_epochs)
+                 profile_path: str | None = None, reprofile_every_n_epochs: int | None = None,
+                 max_slowdown: float | None = None) -> None:
+        check_settings(eta_knob, warmup_steps, profile_steps, pl_step_watts, mode, reprofile_every_n_epochs,
+                       max_slowdown)
         self.eta_knob = eta_knob
+        self.max_slowdown = max_slowdown
         self.warmup_steps = warmup_steps
         self.profile_steps = profile_steps
         self.pl_step_watts = pl_step_watts
@@ -62,9 +75,10 @@ class ZeusCallback(Callback):
         self.profile_path = profile_path
         self.reprofile_every_n_epochs = reprofile_every_n_epochs
         # The GPU interface; None opens the real one on a CUDA run. Set it before fit to run
-        # against another implementation (lit.nvml.FakeNVML, callbacks.SimulatedGPU).
+        # against another implementation (lit.energy.fake.FakeNVML, callbacks.SimulatedGPU).
         self.nvml: NVML | None = None
         self.optimizer: PowerLimitOptimizer | None = None
+        self._resume: dict[str, Any] | None = None  # checkpoint state, applied at fit start
         self._previous_handlers: dict[int, object] = {}
         self._trainer: Trainer | None = None
 
@@ -77,23 +91,17 @@ class ZeusCallback(Callback):
             return
         nvml, device, sync = opened
         strategy = trainer.strategy
-
-        def aggregate(energy_j: float, time_s: float, samples: int) -> tuple[float, float, int]:
-            if trainer.world_size == 1:
-                return energy_j, time_s, samples
-            sums = torch.tensor([energy_j, float(samples)], dtype=torch.float64, device=strategy.root_device)
-            sums = strategy.reduce(sums, reduce_op="sum")
-            t = torch.tensor(time_s, dtype=torch.float64, device=strategy.root_device)
-            t = strategy.reduce(t, reduce_op=torch.distributed.ReduceOp.MAX)
-            return float(sums[0]), float(t), int(round(float(sums[1])))
-
         self.optimizer = PowerLimitOptimizer(
-            nvml, device, eta_knob=self.eta_knob, warmup_steps=self.warmup_steps,
-            profile_steps=self.profile_steps, pl_step_watts=self.pl_step_watts, mode=self.mode,
-            profile_path=self.profile_path, reprofile_every_n_epochs=self.reprofile_every_n_epochs,
-            world_size=trainer.world_size, sync=sync, aggregate=aggregate,
+            nvml, device, eta_knob=self.eta_knob, max_slowdown=self.max_slowdown,
+            warmup_steps=self.warmup_steps, profile_steps=self.profile_steps,
+            pl_step_watts=self.pl_step_watts, mode=self.mode, profile_path=self.profile_path,
+            reprofile_every_n_epochs=self.reprofile_every_n_epochs, world_size=trainer.world_size,
+            sync=sync, aggregate=partial(reduce_over_ranks, strategy),
             broadcast=lambda limit: strategy.broadcast(limit, src=0), is_main=trainer.is_global_zero,
             info=rank_zero_info, warn=rank_zero_warn)
+        if self._resume is not None:  # Lightning loads callback state before on_fit_start
+            self.optimizer.load_state_dict(self._resume)
+            self._resume = None
         self._trainer = trainer
         self._install_signal_handlers()
         atexit.register(self._restore)
@@ -129,6 +137,18 @@ class ZeusCallback(Callback):
                 signal.signal(signum, previous)  # type: ignore[arg-type]
         self._previous_handlers = {}
         atexit.unregister(self._restore)
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is not None:
+            return self.optimizer.state_dict()
+        return dict(self._resume or {})  # a run that measured nothing passes the saved state on
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) or None
 
     # ------------------------------------------------------------------------- training
 

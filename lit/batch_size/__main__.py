@@ -16,12 +16,12 @@ import math
 import sys
 from pathlib import Path
 
-from lit.batch_size.cost import check_eta
 from lit.batch_size.history import History, Run
 from lit.batch_size.policy import (AllPrunedError, check_candidates, cost_limit, next_batch_size,
                                    posterior, rewards_by_arm, scale_lr)
 from lit.batch_size.runner import (Interrupted, JobConfig, Target, fit_command, launch,
                                    read_result)
+from lit.energy.cost import check_eta
 
 
 def power_of_two_range(low: int, high: int) -> list[int]:
@@ -63,7 +63,7 @@ def add_run_parser(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    check_eta(args.eta)
+    check_eta(args.eta, "--eta")
     if args.recurrences < 1:
         raise ValueError(f"--recurrences must be >= 1, got {args.recurrences!r}")
     target = Target.parse(args.target)

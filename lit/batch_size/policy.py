@@ -15,6 +15,22 @@ Training", NSDI'23, §4.2-4.4; reference ml-energy/zeus ``PruningGTSBatchSizeOpt
 3. **Early stopping** (:func:`cost_limit`): a run stops once its cost passes beta x the best
    cost of any converged run so far (beta = 2); it is recorded as not converged.
 
+Two rules differ from zeus 0.16's server (``zeus.optimizer.batch_size.server``), both on
+purpose (``docs/batch_size.md``, "Where we differ from zeus"):
+
+* the early-stop bound counts converged runs only; zeus's ``ZeusService.update_trial`` lowers
+  ``job.min_cost`` with every finished trial, converged or not. A run that missed the target
+  paid for nothing: its cost is a lower bound of what its size costs to converge, and beta x it
+  can stop the best size before it converges (zeus's own paper simulator,
+  ``zeus._legacy.simulate``, also updates its minimum only on runs that reached the target);
+* the arms built when pruning ends use the same windowed history as every later pick (the last
+  ``window`` observations of each size, concurrent results included), as zeus's legacy
+  ``PruningGTSBatchSizeOptimizer._construct_mab`` does; zeus 0.16's ``GaussianTS.construct_mab``
+  fits each arm on all its pruning-round trials, with no window and without concurrent trials,
+  and applies the window only when that arm is next reported. One rule at every recurrence keeps
+  an arm's posterior a function of its last ``window`` costs, whether it was played since
+  pruning or not.
+
 Where Zeus keeps generator state in a server, this module replays the history on every call, so
 a wrapper process can start, decide and exit: the same history (and seed) gives the same choice.
 Decisions that the paper leaves open, taken here:
@@ -112,7 +128,12 @@ def pruning_step(observations: Sequence[Observation], batch_sizes: Sequence[int]
 
 def rewards_by_arm(observations: Sequence[Observation], arms: Sequence[int],
                    window: int = 0) -> dict[int, np.ndarray]:
-    """Each arm's rewards (-cost) in time order, only its last ``window`` ones when > 0."""
+    """Each arm's rewards (-cost) in time order, only its last ``window`` ones when > 0.
+
+    Every observation of the arm counts: pruning rounds, concurrent runs and runs that did not
+    converge (their cost is what was paid). The window applies from the first pick after
+    pruning on (zeus 0.16 skips it for the arms it builds then: see the module docstring).
+    """
     out = {}
     for arm in arms:
         rewards = [-o.cost for o in observations if o.batch_size == arm]
@@ -194,7 +215,13 @@ def next_batch_size(observations: Sequence[Observation], batch_sizes: Sequence[i
 
 
 def cost_limit(observations: Sequence[Observation], beta: float | None) -> float | None:
-    """Zeus's early-stop threshold: beta x the lowest cost of a converged run (None: no limit)."""
+    """Zeus's early-stop threshold: beta x the lowest cost of a converged run (None: no limit).
+
+    Runs that did not converge (out of budget, or stopped at an earlier limit) do not lower it:
+    their cost is a lower bound of what their size would cost to reach the target, not what the
+    job costs when it succeeds (zeus 0.16 counts them: see the module docstring). No converged
+    run yet: no limit.
+    """
     if beta is None:
         return None
     if not beta > 1.0:

@@ -1,5 +1,6 @@
 """Shared pieces of the energy callback tests: a tiny model, a loader, and a callback that runs
-one simulated GPU step of a :class:`lit.nvml.FakeNVML` per training (and validation) step."""
+one simulated GPU step of a :class:`lit.energy.fake.FakeNVML` per training (and validation) step,
+and the brute-force references the power-limit choices are tested against."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lit.nvml import FakeNVML, PowerProfile
+from lit.energy.fake import FakeNVML, PowerProfile
 
 # A hand-made profile: 100-300 W, time falls and power rises with the limit.
 PROFILE = PowerProfile(limits=(100, 150, 200, 250, 300), step_time_s=(0.40, 0.25, 0.20, 0.18, 0.17),
@@ -82,3 +83,16 @@ def brute_force_limit(profile: PowerProfile, candidates: list[int], eta: float, 
         if best_cost is None or cost < best_cost * (1 - 1e-9):
             best, best_cost = limit, cost
     return best
+
+
+def brute_force_within_slowdown(profile: PowerProfile, candidates: list[int], factor: float,
+                                ranks: list[PowerProfile] | None = None) -> int:
+    """The lowest of ``candidates`` whose step time (the slowest rank's, straight from the
+    profile(s)) is at most ``factor`` x the fastest candidate's. Fails when a candidate sits on
+    the bound (within a relative 1e-6): there rounding, not the rule, would decide."""
+    profiles = ranks or [profile]
+    times = {limit: max(p.step_time(limit) for p in profiles) for limit in candidates}
+    bound = factor * min(times.values())
+    assert all(abs(t - bound) > 1e-6 * bound for t in times.values() if t != min(times.values())), \
+        f"a candidate sits on the slowdown bound {bound!r}: pick another factor"
+    return min(limit for limit, t in times.items() if t <= bound)

@@ -14,7 +14,7 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.batch_size_target import BatchSizeTarget, write_json_atomic
-from lit.nvml import FakeNVML, h200_like_profile
+from lit.energy.fake import FakeNVML, h200_like_profile
 
 
 class ScriptedAccuracy(L.LightningModule):

@@ -8,7 +8,7 @@ import torch
 
 from callbacks.energy_monitor import EnergyMonitor
 from callbacks.zeus import ZeusCallback
-from lit.nvml import PynvmlNVML
+from lit.energy.nvml import PynvmlNVML
 from tests.callbacks.energy_helpers import Tiny, loader
 
 pytestmark = pytest.mark.gpu

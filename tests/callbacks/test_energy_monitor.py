@@ -11,7 +11,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.energy_monitor import EnergyMonitor
-from lit.nvml import FakeNVML
+from lit.energy.fake import FakeNVML
 from tests.callbacks.energy_helpers import PROFILE, StepFake, Tiny, loader, trainer
 
 BATCH = 8

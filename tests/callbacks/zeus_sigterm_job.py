@@ -9,7 +9,7 @@ import time
 from lightning.pytorch import Callback
 
 from callbacks.zeus import ZeusCallback
-from lit.nvml import FakeNVML
+from lit.energy.fake import FakeNVML
 from tests.callbacks.energy_helpers import PROFILE, StepFake, Tiny, loader, trainer
 
 

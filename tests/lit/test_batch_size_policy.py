@@ -1,6 +1,8 @@
 """Zeus's batch-size policy against hand computation: the Gaussian posterior, Thompson sampling
 (draw by draw, and its pick frequencies against the closed-form probability), the pruning
-exploration order on a scripted table, early-stop threshold, lr rules and the Zeus cost."""
+exploration order on a scripted table, early-stop threshold, lr rules and the Zeus cost; the two
+rules where we differ from zeus 0.16 (the early-stop bound from converged runs only, the window
+on the arms built when pruning ends) on hand-worked histories."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import math
 import numpy as np
 import pytest
 
-from lit.batch_size.cost import zeus_cost
 from lit.batch_size.policy import (AllPrunedError, Observation, cost_limit, next_batch_size,
                                    posterior, pruning_step, rewards_by_arm, scale_lr,
                                    thompson_choice)
+from lit.energy.cost import run_cost
 
 
 def test_posterior_hand_computed() -> None:
@@ -55,13 +57,18 @@ def test_under_observed_arm_is_explored_first() -> None:
         assert thompson_choice(rewards, np.random.default_rng(seed)).batch_size == 64
 
 
-def replay(table: dict[int, list[tuple[float, bool]]], sizes, default, n: int) -> list[str]:
-    """Feed ``table``'s outcomes (per size, in order) to the policy for ``n`` recurrences."""
+def replay(table: dict[int, list[tuple[float, bool]]], sizes, default, n: int,
+           limit=None) -> list[str]:
+    """Feed ``table``'s outcomes (per size, in order) to the policy for ``n`` recurrences;
+    ``limit(history)``, when given, is the early-stop bound: a run past it stops there."""
     history, seen, out = [], {b: 0 for b in table}, []
     for _ in range(n):
         d = next_batch_size(history, sizes, default, seed=0)
         cost, reached = table[d.batch_size][seen[d.batch_size]]
         seen[d.batch_size] += 1
+        bound = limit(history) if limit is not None else None
+        if bound is not None and cost > bound:
+            cost, reached = bound, False  # stopped, recorded as not converged
         history.append(Observation(d.batch_size, cost, reached))
         out.append(f"{d.batch_size}{'' if reached else '!'}:{d.phase}")
     return out
@@ -82,6 +89,84 @@ def test_pruning_order_on_a_scripted_table() -> None:
                 (128, 22, True), (64, 24, True), (32, 31, True)]]
     assert pruning_step(history, sizes, 64) == [32, 64, 128]
     assert next_batch_size(history, sizes, 64).phase == "thompson"
+
+
+def test_early_stop_bound_counts_converged_runs_only() -> None:
+    # Hand-worked history, in finishing order (beta = 2):
+    #   1. 256 cost 100, reached      2. 512 cost 90, reached
+    #   3. 1024 cost 40, NOT reached (ran out of epochs: cheap because it did little)
+    history = [Observation(256, 100.0, True), Observation(512, 90.0, True),
+               Observation(1024, 40.0, False)]
+    # Ours: 2 x min(100, 90) = 180. Zeus 0.16 (min over every finished run): 2 x 40 = 80.
+    assert cost_limit(history, 2.0) == pytest.approx(180.0)
+    # a run stopped at the bound (cost 180, not converged) leaves it where it was
+    assert cost_limit(history + [Observation(512, 180.0, False)], 2.0) == pytest.approx(180.0)
+    # before any converged run there is no bound, failures or not
+    assert cost_limit(history[2:], 2.0) is None
+    assert cost_limit([], 2.0) is None
+
+
+def test_replay_with_early_stop_a_cheap_failure_does_not_prune_the_best_size() -> None:
+    sizes = [256, 512, 1024]
+    table = {256: [(100.0, True), (104.0, True)], 512: [(90.0, True), (92.0, True)],
+             1024: [(40.0, False)]}
+    ours = lambda h: cost_limit(h, 2.0)
+    # Round 1 from 256: 256 (no bound yet), up: 512 (bound 200), 1024 fails at 40 (bound 180).
+    # Round 2 from the cheapest, 512: bound still 2 x 90 = 180, so 512 (92) and 256 (104)
+    # converge; nothing above 512 survived; sampling starts.
+    assert replay(table, sizes, 256, 5, limit=ours) == [
+        "256:pruning", "512:pruning", "1024!:pruning", "512:pruning", "256:pruning"]
+    # Zeus 0.16's bound on the same table: after 1024's 40 it is 2 x 40 = 80, round 2's 512
+    # (cost 92) is stopped at 80 and counts as not converged, which ends round 2 with no survivor.
+    zeus_rule = lambda h: 2.0 * min(o.cost for o in h) if h else None
+    with pytest.raises(AllPrunedError):
+        replay(table, sizes, 256, 5, limit=zeus_rule)
+
+
+def test_arms_built_after_pruning_use_the_window() -> None:
+    sizes = [64, 128]
+    # Hand-worked history, 3 pruning rounds (each round: 64, then up to 128), all reached:
+    #   round 1: 64 cost 10, 128 cost 20; round 2: 64 12, 128 22; round 3: 64 14, 128 30
+    history = [Observation(b, c, True) for b, c in
+               [(64, 10), (128, 20), (64, 12), (128, 22), (64, 14), (128, 30)]]
+    assert pruning_step(history, sizes, 64, rounds=3) == [64, 128]
+    # Window 2 (ours, from the first pick on): 64 -> rewards [-12, -14]: mean -13, var 1,
+    # precision 2 x 1 = 2; 128 -> [-22, -30]: mean -26, var 16, precision 2 / 16 = 1/8.
+    arms = rewards_by_arm(history, sizes, window=2)
+    assert arms[64].tolist() == [-12.0, -14.0] and arms[128].tolist() == [-22.0, -30.0]
+    assert posterior(arms[64]) == (pytest.approx(-13.0), pytest.approx(2.0))
+    assert posterior(arms[128]) == (pytest.approx(-26.0), pytest.approx(1 / 8))
+    # Zeus 0.16's construct_mab fits all three pruning trials, whatever the window (ours with
+    # window 0): 64 -> mean -12, var 8/3, precision 3 x 3/8 = 9/8; 128 -> mean -24,
+    # deviations 4, 2, -6: var 56/3, precision 3 x 3/56 = 9/56.
+    arms = rewards_by_arm(history, sizes, window=0)
+    assert posterior(arms[64]) == (pytest.approx(-12.0), pytest.approx(9 / 8))
+    assert posterior(arms[128]) == (pytest.approx(-24.0), pytest.approx(9 / 56))
+    # next_batch_size samples from the windowed posteriors: the generator seeded (5, 6 runs)
+    # draws the exploration permutation, then N(-13, 1/2) for 64 and N(-26, 8) for 128.
+    d = next_batch_size(history, sizes, 64, seed=5, rounds=3, window=2)
+    rng = np.random.default_rng([5, 6])
+    rng.permutation([64, 128])
+    s64, s128 = rng.normal(-13.0, math.sqrt(1 / 2)), rng.normal(-26.0, math.sqrt(8.0))
+    assert d.phase == "thompson" and d.samples == {64: pytest.approx(s64), 128: pytest.approx(s128)}
+
+
+def test_concurrent_result_joins_its_arm() -> None:
+    sizes = [64, 128]
+    # Hand-worked history, in finishing order: 64 cost 10 (round 1); while 128 runs for round 1,
+    # a concurrent caller gets the best known size, 64, which finishes first at cost 13; then
+    # 128 cost 20 (round 1); round 2 from 64: 64 cost 12, 128 cost 22. All reached.
+    history = [Observation(b, c, True) for b, c in
+               [(64, 10), (64, 13), (128, 20), (64, 12), (128, 22)]]
+    assert pruning_step(history[:2], sizes, 64) == (128, 0)  # the concurrent 64 moves nothing
+    assert pruning_step(history, sizes, 64) == [64, 128]
+    # Ours: arm 64 -> [-10, -13, -12]: mean -35/3, deviations 5/3, -4/3, -1/3, var (25 + 16 +
+    # 1) / 27 = 14/9, precision 3 x 9/14 = 27/14; arm 128 -> [-20, -22]: mean -21, precision 2.
+    # (Zeus 0.16 builds arm 64 from its two pruning trials only: mean -11, precision 2.)
+    arms = rewards_by_arm(history, sizes)
+    assert arms[64].tolist() == [-10.0, -13.0, -12.0]
+    assert posterior(arms[64]) == (pytest.approx(-35 / 3), pytest.approx(27 / 14))
+    assert posterior(arms[128]) == (pytest.approx(-21.0), pytest.approx(2.0))
 
 
 def test_default_failing_goes_straight_up_and_all_pruned_is_an_error() -> None:
@@ -129,9 +214,9 @@ def test_cost_limit_and_lr_rules_and_zeus_cost() -> None:
     assert scale_lr(0.002, 128, 512, "sqrt") == pytest.approx(0.004)
     assert scale_lr(0.002, 128, 32, "none") == 0.002
     # Zeus Eq. 2: eta E + (1 - eta) MaxPower T
-    assert zeus_cost(10.0, 3000.0, eta=0.5, max_power_w=700.0) == pytest.approx(0.5 * 3000 + 0.5 * 7000)
-    assert zeus_cost(10.0, 3000.0, eta=1.0, max_power_w=700.0) == pytest.approx(3000.0)
-    assert zeus_cost(10.0, None) == 10.0  # time only
+    assert run_cost(3000.0, 10.0, eta_knob=0.5, max_power_w=700.0) == pytest.approx(0.5 * 3000 + 0.5 * 7000)
+    assert run_cost(3000.0, 10.0, eta_knob=1.0, max_power_w=700.0) == pytest.approx(3000.0)
+    assert run_cost(None, 10.0) == 10.0  # time only
 
 
 @pytest.mark.parametrize("call, match", [
@@ -141,8 +226,8 @@ def test_cost_limit_and_lr_rules_and_zeus_cost() -> None:
     (lambda: pruning_step([], [32, 64], 64, rounds=0), "rounds must be >= 1"),
     (lambda: cost_limit([], 1.0), "beta must be > 1"),
     (lambda: scale_lr(0.1, 32, 64, "cubic"), "lr rule"),
-    (lambda: zeus_cost(1.0, 5.0, eta=1.5, max_power_w=700.0), "eta must be in"),
-    (lambda: zeus_cost(1.0, 5.0, eta=0.5), "max_power_w"),
+    (lambda: run_cost(5.0, 1.0, eta_knob=1.5, max_power_w=700.0), "eta_knob must be in"),
+    (lambda: run_cost(5.0, 1.0, eta_knob=0.5), "max_power_w"),
 ])
 def test_bad_arguments_are_rejected(call, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit.energy import EnergyMeter, Reading, energy_between, open_device
-from lit.nvml import FakeNVML, PowerProfile
+from lit.energy.fake import FakeNVML, PowerProfile
+from lit.energy.meter import EnergyMeter, Reading, energy_between, open_device
 
 PROFILE = PowerProfile((100, 300), (0.2, 0.1), (150.0, 250.0))
 

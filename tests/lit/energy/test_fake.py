@@ -1,5 +1,4 @@
-"""The NVML interface: the fake's power model against hand-worked numbers, the real one's
-clear error where there is no driver."""
+"""The simulated GPU: its power model and counter against hand-worked numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lit.nvml import NVML, FakeNVML, NVMLUnavailable, PowerProfile, PynvmlNVML, h200_like_profile
+from lit.energy.fake import FakeNVML, PowerProfile, h200_like_profile
+from lit.energy.nvml import NVML
 
 PROFILE = PowerProfile((100, 200, 300), (0.4, 0.2, 0.1), (100.0, 180.0, 250.0))
 
@@ -75,13 +75,3 @@ def test_fake_setter_checks_range_permission_and_mirrors(tmp_path: Path) -> None
     with pytest.raises(PermissionError, match="SYS_ADMIN"):
         FakeNVML(PROFILE, can_set=False).set_power_limit(0, 150)
 
-
-def test_real_nvml_without_driver_is_a_clear_error() -> None:
-    try:
-        nvml = PynvmlNVML()
-    except NVMLUnavailable as err:
-        assert "driver" in str(err) or "pynvml" in str(err)
-    else:  # a machine with a GPU: the read-only calls work
-        if nvml.device_count():
-            lo, hi = nvml.power_limit_range(0)
-            assert 0 < lo <= nvml.power_limit(0) <= hi

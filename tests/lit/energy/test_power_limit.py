@@ -1,5 +1,6 @@
-"""Zeus's power-limit optimizer: the cost and candidates by hand, the state machine driven step by
-step against a fake GPU, the choice against a brute-force minimum, and bad settings."""
+"""Zeus's power-limit optimizer: candidates by hand, the state machine driven step by step
+against a fake GPU, the choice (lowest cost, or lowest limit within a slowdown) against a
+brute-force reference, saved state resumed, and bad settings."""
 
 from __future__ import annotations
 
@@ -8,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from lit.nvml import FakeNVML, h200_like_profile
-from lit.power_limit import (Done, LimitMeasurement, PowerLimitOptimizer, Profiling, Ready, Warmup,
-                             candidate_limits, check_settings, choose_power_limit, zeus_cost)
-from tests.callbacks.energy_helpers import PROFILE, brute_force_limit
+from lit.energy.fake import FakeNVML, h200_like_profile
+from lit.energy.power_limit import (Done, LimitMeasurement, PowerLimitOptimizer, Profiling, Ready, Warmup,
+                                    candidate_limits, check_settings, choose_power_limit,
+                                    lowest_limit_within_slowdown)
+from tests.callbacks.energy_helpers import PROFILE, brute_force_limit, brute_force_within_slowdown
 
 BATCH = 8
-
-
-def test_zeus_cost_by_hand() -> None:
-    assert zeus_cost(energy_j=100.0, time_s=2.0, eta_knob=0.25, max_power_w=300.0) == 0.25 * 100 + 0.75 * 600
 
 
 def test_candidates_run_from_max_down_to_min() -> None:
@@ -41,10 +39,12 @@ def test_choice_per_sample_and_ties_to_the_higher_limit() -> None:
     ({"eta_knob": -0.1}, "eta_knob"), ({"eta_knob": 1.5}, "eta_knob"),
     ({"warmup_steps": -1}, "warmup_steps"), ({"profile_steps": 0}, "profile_steps"),
     ({"pl_step_watts": 0}, "pl_step_watts"), ({"pl_step_watts": -25}, "pl_step_watts"),
-    ({"mode": "set"}, "mode"), ({"reprofile_every_n_epochs": 0}, "reprofile_every_n_epochs")])
+    ({"mode": "set"}, "mode"), ({"reprofile_every_n_epochs": 0}, "reprofile_every_n_epochs"),
+    ({"max_slowdown": 0.9}, "max_slowdown"), ({"max_slowdown": float("inf")}, "max_slowdown"),
+    ({"max_slowdown": float("nan")}, "max_slowdown")])
 def test_bad_settings_are_rejected_by_name(kwargs: dict, field: str) -> None:
     settings = {"eta_knob": 0.5, "warmup_steps": 10, "profile_steps": 40, "pl_step_watts": 25,
-                "mode": "apply", "reprofile_every_n_epochs": None, **kwargs}
+                "mode": "apply", "reprofile_every_n_epochs": None, "max_slowdown": None, **kwargs}
     with pytest.raises(ValueError, match=field):
         check_settings(**settings)
 
@@ -203,3 +203,122 @@ def test_apply_without_permission_warns_once_and_observes() -> None:
     opt.restore()
     assert len(warnings) == 1 and "observing instead" in warnings[0]
     assert opt.mode == "observe" and opt.state == Done(300) and fake.power_limit(0) == 300
+
+
+# ------------------------------------------------------------------ max-slowdown constraint
+
+def test_lowest_limit_within_slowdown_by_hand() -> None:
+    ms = [LimitMeasurement(300, energy_j=80.0, time_s=2.0, samples=8),   # 0.25 s per sample
+          LimitMeasurement(250, energy_j=60.0, time_s=2.2, samples=8),   # 0.275 (1.1 x)
+          LimitMeasurement(200, energy_j=30.0, time_s=1.5, samples=4),   # 0.375 (1.5 x)
+          LimitMeasurement(150, energy_j=30.0, time_s=2.4, samples=4)]   # 0.6 (2.4 x)
+    assert lowest_limit_within_slowdown(ms, 1.0) == 300
+    assert lowest_limit_within_slowdown(ms, 1.1) == 250  # on the bound up to rounding: within
+    assert lowest_limit_within_slowdown(ms, 1.49) == 250
+    assert lowest_limit_within_slowdown(ms, 1.5) == 200
+    assert lowest_limit_within_slowdown(ms, 10.0) == 150
+    # The bound is relative to the fastest measured limit, not to the maximum limit.
+    noisy = [LimitMeasurement(300, 1.0, 1.1, 1), LimitMeasurement(275, 1.0, 1.0, 1),
+             LimitMeasurement(250, 1.0, 1.15, 1)]
+    assert lowest_limit_within_slowdown(noisy, 1.1) == 275
+    assert choose_power_limit(ms, 1.0, 30.0, max_slowdown=1.1) == 250  # eta_knob unused
+    assert choose_power_limit(ms[:1], 0.5, 30.0, max_slowdown=1.1) == 300  # observe: one row
+    with pytest.raises(ValueError, match="at least one"):
+        lowest_limit_within_slowdown([], 1.1)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.1, 1.2, 1.5, 3.0])
+def test_slowdown_choice_equals_brute_force_on_the_test_profile(factor: float) -> None:
+    fake = FakeNVML(PROFILE)
+    opt = make(fake, max_slowdown=factor, pl_step_watts=50)
+    run_steps(opt, fake, 5 * 5)
+    assert opt.chosen == brute_force_within_slowdown(PROFILE, [300, 250, 200, 150, 100], factor)
+    assert fake.power_limit(0) == opt.chosen
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.05, 1.1, 1.25, 1.6])
+def test_slowdown_choice_equals_brute_force_on_the_h200_like_profile(factor: float) -> None:
+    profile = h200_like_profile()
+    fake = FakeNVML(profile)
+    opt = make(fake, max_slowdown=factor, pl_step_watts=25, warmup_steps=1, profile_steps=2)
+    run_steps(opt, fake, 21 * 3)
+    assert opt.chosen == brute_force_within_slowdown(profile, candidate_limits(200, 700, 25), factor)
+
+
+# ------------------------------------------------------------------ saved state (checkpoints)
+
+def roundtrip(opt: PowerLimitOptimizer) -> dict:
+    return json.loads(json.dumps(opt.state_dict()))  # what a checkpoint can hold
+
+
+def test_saved_mid_window_resumes_at_the_next_unmeasured_limit() -> None:
+    straight_fake = FakeNVML(PROFILE)
+    straight = make(straight_fake)
+    run_steps(straight, straight_fake, 15)
+    fake = FakeNVML(PROFILE)
+    opt = make(fake)
+    run_steps(opt, fake, 5 + 3)  # 300 measured; 200 mid-profile
+    assert isinstance(opt.state, Profiling) and opt.state.limit == 200
+    saved = roundtrip(opt)
+    assert (saved["state"], saved["limit"]) == ("Ready", 200)  # a window cannot span a restart
+    fresh = FakeNVML(PROFILE)  # a new process: the GPU is back at its original limit
+    resumed = make(fresh)
+    resumed.load_state_dict(saved)
+    assert resumed.state == Ready(200) and [m.power_limit for m in resumed.measurements] == [300]
+    log: list = []
+    run_steps(resumed, fresh, 10, log)
+    assert log[0] == ("Warmup", 200) and fresh.set_calls[0] == (0, 200)  # 300 W not profiled again
+    assert [m.power_limit for m in resumed.measurements] == [300, 200, 100]
+    for m in resumed.measurements:  # each the straight run's window, measured once
+        assert m.samples == 3 * BATCH and m.time_s == pytest.approx(3 * PROFILE.step_time(m.power_limit))
+        assert m.energy_j == pytest.approx(3 * PROFILE.step_time(m.power_limit) * PROFILE.power(m.power_limit))
+    assert resumed.chosen == straight.chosen == brute_force_limit(PROFILE, [300, 200, 100], 0.5, 300.0, BATCH)
+
+
+def test_saved_done_state_is_rechosen_under_the_resumed_rule() -> None:
+    fake = FakeNVML(PROFILE)
+    opt = make(fake, pl_step_watts=50)
+    run_steps(opt, fake, 25)
+    saved = roundtrip(opt)
+    assert saved["state"] == "Done" and saved["limit"] == opt.chosen
+    same = make(FakeNVML(PROFILE), pl_step_watts=50)
+    same.load_state_dict(saved)
+    assert same.state == Done(opt.chosen) and same.measurements == opt.measurements
+    candidates = [300, 250, 200, 150, 100]
+    energy_only = make(FakeNVML(PROFILE), pl_step_watts=50, eta_knob=1.0)
+    energy_only.load_state_dict(saved)
+    assert energy_only.chosen == brute_force_limit(PROFILE, candidates, 1.0, 300.0, BATCH)
+    slowdown = make(FakeNVML(PROFILE), pl_step_watts=50, max_slowdown=1.2)
+    slowdown.load_state_dict(saved)
+    assert slowdown.chosen == brute_force_within_slowdown(PROFILE, candidates, 1.2)
+
+
+def test_saved_state_of_other_candidates_is_dropped_with_a_warning() -> None:
+    fake = FakeNVML(PROFILE)
+    opt = make(fake, pl_step_watts=50)
+    run_steps(opt, fake, 7)
+    warnings: list[str] = []
+    other = make(FakeNVML(PROFILE), pl_step_watts=100, warn=warnings.append)
+    other.load_state_dict(roundtrip(opt))
+    assert len(warnings) == 1 and "candidates" in warnings[0] and "profiling again" in warnings[0]
+    assert other.state == Ready(300) and other.measurements == []
+    narrower = make(FakeNVML(PROFILE, limit_range=(150, 300)), pl_step_watts=50, warn=warnings.append)
+    narrower.load_state_dict(roundtrip(opt))
+    assert "limit_range [100, 300]" in warnings[1] and narrower.measurements == []
+    with pytest.raises(ValueError, match="format"):
+        make(FakeNVML(PROFILE)).load_state_dict({"measurements": []})
+
+
+def test_resumed_epoch_does_not_start_its_reprofile_twice() -> None:
+    fake = FakeNVML(PROFILE)
+    opt = make(fake, reprofile_every_n_epochs=2)
+    run_steps(opt, fake, 15)
+    opt.on_epoch_begin(2)
+    assert opt.state == Ready(300)
+    run_steps(opt, fake, 15)  # epoch 2's profile, done inside epoch 2
+    resumed = make(FakeNVML(PROFILE), reprofile_every_n_epochs=2)
+    resumed.load_state_dict(roundtrip(opt))
+    resumed.on_epoch_begin(2)  # a run resumed inside epoch 2 enters it again
+    assert resumed.state == Done(opt.chosen) and len(resumed.measurements) == 3
+    resumed.on_epoch_begin(4)
+    assert resumed.state == Ready(300)

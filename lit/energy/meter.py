@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from lit.nvml import NVML
+from lit.energy.nvml import NVML, NVMLUnavailable, PynvmlNVML
 
 if TYPE_CHECKING:
     import torch
@@ -92,11 +92,9 @@ def open_device(device: "torch.device", nvml: NVML | None, owner: str,
     """The NVML, device index and sync function for a module on ``device``, or ``None`` (after
     one warning) when there is nothing to measure: no CUDA device, or NVML unavailable.
 
-    A given ``nvml`` (e.g. a :class:`lit.nvml.FakeNVML`) is used as is, device 0 off CUDA.
+    A given ``nvml`` (e.g. a :class:`lit.energy.fake.FakeNVML`) is used as is, device 0 off CUDA.
     """
-    import torch
-
-    from lit.nvml import NVMLUnavailable, PynvmlNVML
+    import torch  # only here: the meter and the optimizer work in any loop, without torch
 
     on_cuda = device.type == "cuda"
     index = (device.index or 0) if on_cuda else 0
