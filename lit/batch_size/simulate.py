@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lit.batch_size.policy import Observation, next_batch_size
+from lit.batch_size.policy import Observation, cost_limit, next_batch_size
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,9 @@ def run_series(land: Landscape, recurrences: int, seed: int, beta: float | None 
         b = next_batch_size(history, land.sizes, land.default, seed=seed, rounds=rounds,
                             window=window).batch_size
         cost, reached = active(land, drift, i).draw(b, rng)
-        best = min((o.cost for o in history if o.reached), default=math.inf)
-        if beta is not None and cost > beta * best:
-            cost, reached = beta * best, False
+        limit = cost_limit(history, beta)  # the same early-stop rule as `run`
+        if limit is not None and cost > limit:
+            cost, reached = limit, False
         history.append(Observation(b, cost, reached))
         out.append((b, cost, reached))
     return out
