@@ -15,9 +15,10 @@ _LAZY = {
     "Int8Eval": "callbacks.int8_eval",
     "OutlierFeatures": "callbacks.outlier_features",
     "Sparse24Eval": "callbacks.sparse24_eval",
-    # Added by `python -m lit fit` itself; listed so that they resolve like every callback.
-    "SignalCheckpoint": "callbacks.signal_checkpoint",
-    "RunHparams": "callbacks.run_hparams",
+    # The framework's own, which `python -m lit fit` adds itself (they live in lit/, which
+    # imports nothing from here); listed so that they resolve like every callback.
+    "SignalCheckpoint": "lit.signal_checkpoint",
+    "RunHparams": "lit.run_hparams",
 }
 
 __all__ = sorted(_LAZY)

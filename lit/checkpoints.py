@@ -20,8 +20,8 @@ META_FILE = "meta.pt"  # of a sharded checkpoint: everything but the sharded ten
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A folder written with ``torch.distributed.checkpoint`` plus :data:`META_FILE` (what
-    :class:`models.dlrm.strategy.TorchrecDDPStrategy` writes by default)."""
+    """A folder written with ``torch.distributed.checkpoint`` plus :data:`META_FILE` (what a
+    strategy that keeps tables sharded writes, e.g. ``torchrec_ddp``, which a DLRM runs with)."""
     path = Path(path)
     return path.is_dir() and (path / ".metadata").is_file() and (path / META_FILE).is_file()
 
@@ -76,10 +76,17 @@ def _check_class(path: Path, checkpoint: dict, model_class: str | None) -> dict:
     return checkpoint
 
 
+def import_class(name: str) -> type:
+    """The class a YAML ``class_path`` names (``models.ImageClassifier``: through the registry)."""
+    module, _, attr = name.rpartition(".")
+    if not module:
+        raise ValueError(f"class_path {name!r}: give module.Class, e.g. models.ImageClassifier")
+    return getattr(import_module(module), attr)
+
+
 def resolve_class_path(name: str) -> str:
     """``models.ImageClassifier`` (a registry name) -> ``models.image_classifier.ImageClassifier``."""
-    module, _, attr = name.rpartition(".")
-    return class_path_of(getattr(import_module(module), attr))
+    return class_path_of(import_class(name))
 
 
 def class_path_of(cls: type) -> str:

@@ -12,11 +12,16 @@ What it adds to Lightning's CLI:
 * ``fit`` ends by testing the trained model (``--test_after_fit false`` to skip) and printing
   where the logs and checkpoints are;
 * SIGINT / SIGTERM during ``fit`` save a checkpoint at the current step, print the resume
-  command and exit with 130 / 143 (:class:`callbacks.signal_checkpoint.SignalCheckpoint`);
+  command and exit with 130 / 143 (:class:`lit.signal_checkpoint.SignalCheckpoint`);
 * ``--ckpt_path`` is checked before anything runs (a file, a Lightning checkpoint, of this
   config's model class), and a resumed ``fit`` logs into the checkpoint's own version folder, so
   TensorBoard shows one run (``--resume_same_version false`` for a new folder);
 * ``--trainer.enable_checkpointing false`` turns the default ``ModelCheckpoint`` off.
+
+The CLI knows no model by name: what a model needs of it, its class declares
+(:attr:`lit.module.LitModule.ddp_strategy`: run instead of ``ddp``;
+:attr:`lit.module.LitModule.sharded_checkpoint_strategy`: the one that reads its sharded
+checkpoints), and the module defining the model registers those strategies with Lightning.
 """
 
 from __future__ import annotations
@@ -35,12 +40,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instant
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from callbacks.run_hparams import RunHparams, flat_hparams
-from callbacks.signal_checkpoint import SignalCheckpoint, StopRequested
-from lit.checkpoints import (check_checkpoint, is_sharded_checkpoint, resolve_class_path,
-                             version_of_checkpoint)
+from lit.checkpoints import (check_checkpoint, import_class, is_sharded_checkpoint,
+                             resolve_class_path, version_of_checkpoint)
 from lit.module import LitModule
 import lit.optim.adan  # noqa: F401  (makes --optimizer Adan resolve)
+from lit.run_hparams import RunHparams, flat_hparams
+from lit.signal_checkpoint import SignalCheckpoint, StopRequested
 
 
 class LoggerAwareLearningRateMonitor(LearningRateMonitor):
@@ -134,11 +139,14 @@ class LitCLI(LightningCLI):
         model = self.config[subcommand].get("model")
         model_class = model.get("class_path") if model is not None else None
         strategy = self.config[subcommand].get("trainer", {}).get("strategy")
-        if is_sharded_checkpoint(ckpt_path) and not _is_torchrec_strategy(strategy):
-            sys.stderr.write(f"error: --ckpt_path {ckpt_path!r} is a sharded checkpoint (a DCP "
-                             "folder): load it with --trainer.strategy torchrec_ddp (any "
-                             "--trainer.devices, 1 included)\n")
-            sys.exit(2)
+        if is_sharded_checkpoint(ckpt_path) and isinstance(model_class, str):
+            # The model's class names the strategy that reads its sharded checkpoints.
+            needed = getattr(import_class(model_class), "sharded_checkpoint_strategy", None)
+            if needed and not is_strategy(strategy, needed):
+                sys.stderr.write(f"error: --ckpt_path {ckpt_path!r} is a sharded checkpoint (a "
+                                 f"DCP folder): load it with --trainer.strategy {needed} (any "
+                                 "--trainer.devices, 1 included)\n")
+                sys.exit(2)
         try:
             checkpoint = check_checkpoint(ckpt_path, resolve_class_path(model_class)
                                           if isinstance(model_class, str) else None)
@@ -160,8 +168,7 @@ class LitCLI(LightningCLI):
         # The user's word beats our default checkpoint; fast_dev_run promises to write none.
         if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        import models.dlrm.strategy  # noqa: F401  (registers --trainer.strategy torchrec_ddp)
-
+        # The model's module registered this strategy with Lightning when it was imported.
         swap = getattr(self.model, "ddp_strategy", None)
         if swap and config.get("strategy") == "ddp":
             rank_zero_info(f"[lit] {type(self.model).__name__} shards its own layers: "
@@ -237,17 +244,22 @@ class LitCLI(LightningCLI):
                 rank_zero_info(f"[lit] checkpoint: {last}")
 
 
-def _is_torchrec_strategy(strategy) -> bool:
-    """``torchrec_ddp``, or a class_path/instance of :class:`TorchrecDDPStrategy`."""
-    import models.dlrm.strategy
-
+def is_strategy(strategy, name: str) -> bool:
+    """``--trainer.strategy`` as configured (a registered name, a ``class_path`` or an instance)
+    is the strategy registered as ``name``: the name itself, or a class declaring it as its
+    ``strategy_name`` (Lightning's convention)."""
     if isinstance(strategy, str):
-        return strategy == models.dlrm.strategy.NAME
-    if isinstance(strategy, models.dlrm.strategy.TorchrecDDPStrategy):
-        return True
+        return strategy == name
     class_path = getattr(strategy, "class_path", None) or (
         strategy.get("class_path") if isinstance(strategy, dict) else None)
-    return bool(class_path) and class_path.rsplit(".", 1)[-1] == "TorchrecDDPStrategy"
+    if isinstance(class_path, str):
+        try:
+            cls = import_class(class_path)
+        except (ImportError, AttributeError, ValueError):
+            return False  # not that strategy (the parser reports a path that does not import)
+    else:
+        cls = type(strategy)
+    return getattr(cls, "strategy_name", None) == name
 
 
 def qualify_short_names(args: list[str]) -> list[str]:

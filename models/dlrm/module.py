@@ -32,6 +32,7 @@ from models.dlrm.sharded import (EmbeddingOptimizerName, ShardingTypeName, copy_
                                  dense_named_parameters, is_sharded, make_fused_dense_optimizer,
                                  shard_with_fused_optimizer, to_plain)
 from models.dlrm.sizing import DLRMShape, dlrm_shape
+from models.dlrm.strategy import TorchrecDDPStrategy  # importing it registers torchrec_ddp
 
 
 def default_dense_optimizer(params) -> torch.optim.Optimizer:
@@ -69,7 +70,9 @@ class DLRMModule(LitModule):
 
     #: The strategy the CLI substitutes for ``--trainer.strategy ddp``: DMP must not be wrapped
     #: in a second DDP (see :mod:`models.dlrm.strategy`).
-    ddp_strategy = "torchrec_ddp"
+    ddp_strategy = TorchrecDDPStrategy.strategy_name
+    #: It writes the sharded checkpoints (DCP folders) and is the one that reads them.
+    sharded_checkpoint_strategy = TorchrecDDPStrategy.strategy_name
 
     def __init__(
         self,
@@ -116,8 +119,8 @@ class DLRMModule(LitModule):
                                     tuple(sparse_cardinalities))
             self.shape = self._shape(self.schema)  # validate the knobs now
         self.model: nn.Module | None = None
-        self.val_metrics = CTRMetrics(auroc_thresholds)
-        self.test_metrics = CTRMetrics(auroc_thresholds)
+        self.val_metrics = self.ctr_metrics()
+        self.test_metrics = self.ctr_metrics()
         self.samples_seen = 0
         # Progressive train loss of the current epoch: (sum of loss x samples, samples), float64.
         # Saved in checkpoints, so a mid-epoch resume reports the whole epoch's mean.
@@ -279,13 +282,22 @@ class DLRMModule(LitModule):
 
     # --- evaluation ------------------------------------------------------------------------------
 
+    def ctr_metrics(self) -> CTRMetrics:
+        """New held-out metrics like the module's own (same ``auroc_thresholds``)."""
+        return CTRMetrics(self.hparams.auroc_thresholds)
+
+    def score_batch(self, batch, metrics: CTRMetrics) -> None:
+        """Add a held-out batch to ``metrics``: the step of validation, test and of
+        :class:`callbacks.EvalAtSamples` (one code path for every held-out number)."""
+        metrics.update(self(batch), batch.labels)
+
     @override
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.val_metrics.update(self(batch), batch.labels)
+        self.score_batch(batch, self.val_metrics)
 
     @override
     def test_step(self, batch, batch_idx: int) -> None:
-        self.test_metrics.update(self(batch), batch.labels)
+        self.score_batch(batch, self.test_metrics)
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -11,8 +11,10 @@ sharded checkpoints: each rank saves its own shards of the tables and of the fus
 state with ``torch.distributed.checkpoint`` (DCP), so no rank ever gathers a whole table. DCP
 re-shards on load, so such a checkpoint resumes on another number of GPUs or another plan.
 
-It is registered with Lightning as ``torchrec_ddp`` (``--trainer.strategy torchrec_ddp``), and
-the CLI picks it by itself when a DLRM model is run with ``--trainer.strategy ddp``.
+It is registered with Lightning as ``torchrec_ddp`` (``--trainer.strategy torchrec_ddp``) when
+this module is imported, which :mod:`models.dlrm.module` does; ``DLRMModule`` names it as its
+``ddp_strategy`` (the CLI runs it for ``--trainer.strategy ddp``) and its
+``sharded_checkpoint_strategy`` (the CLI asks for it when ``--ckpt_path`` is a sharded folder).
 """
 
 from __future__ import annotations

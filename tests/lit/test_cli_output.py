@@ -8,8 +8,8 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from callbacks.run_hparams import flat_hparams
 from lit.cli import main
+from lit.run_hparams import flat_hparams
 from tests.conftest import CONFIGS, cli_args, needs_fmnist, run_lit
 
 

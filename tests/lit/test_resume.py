@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from lit.cli import main, resume_command
+from lit.checkpoints import META_FILE
+from lit.cli import is_strategy, main, resume_command
 from tests.conftest import CONFIGS, cli_args, needs_fmnist, run_lit
 
 # A quickstart cut to seconds: 6 steps of 32 images per epoch, 2 validation batches.
@@ -77,7 +78,7 @@ def test_signal_saves_a_checkpoint_exits_nonzero_and_resumes_to_the_same_weights
 def test_second_signal_exits_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
-        "from callbacks.signal_checkpoint import SignalCheckpoint\n"
+        "from lit.signal_checkpoint import SignalCheckpoint\n"
         "cb = SignalCheckpoint()\n"
         "cb.on_fit_start(None, None)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -153,6 +154,40 @@ def test_ckpt_path_checks(tmp_path, capsys):
                             tmp_path=tmp_path))
     assert ("is a checkpoint of models.dlrm.module.DLRMModule, but this config builds "
             "models.image_classifier.ImageClassifier") in err
+
+
+def test_sharded_folder_names_the_strategy_its_model_declares(tmp_path, capsys):
+    """A DCP folder given under a strategy that cannot read it: one line naming the strategy of
+    DLRMModule.sharded_checkpoint_strategy, before anything is built."""
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    torch.save({}, folder / META_FILE)
+    with pytest.raises(SystemExit) as exit_:
+        main(cli_args("validate", f"--config={CONFIGS / 'dlrm' / 'synthetic.yaml'}",
+                      "--trainer.strategy=auto", f"--ckpt_path={folder}", tmp_path=tmp_path))
+    assert exit_.value.code == 2
+    assert (f"error: --ckpt_path '{folder}' is a sharded checkpoint (a DCP folder): load it with "
+            "--trainer.strategy torchrec_ddp (any --trainer.devices, 1 included)\n"
+            ) in capsys.readouterr().err
+
+
+def test_a_strategy_is_known_by_name_class_path_or_instance():
+    from jsonargparse import Namespace
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from models.dlrm.strategy import TorchrecDDPStrategy
+
+    name = "torchrec_ddp"
+    assert is_strategy(name, name)
+    assert is_strategy(Namespace(class_path="models.dlrm.strategy.TorchrecDDPStrategy",
+                                 init_args=Namespace(state_dict_type="full")), name)
+    assert is_strategy({"class_path": "models.dlrm.strategy.TorchrecDDPStrategy"}, name)
+    assert is_strategy(TorchrecDDPStrategy(), name)
+    for other in ("ddp", "auto", None, DDPStrategy(),
+                  {"class_path": "lightning.pytorch.strategies.DDPStrategy"},
+                  {"class_path": "models.dlrm.strategy.NoSuchStrategy"}):
+        assert not is_strategy(other, name), other
 
 
 def test_resume_command_replaces_the_checkpoint():

@@ -9,7 +9,8 @@ import csv
 import pytest
 
 from callbacks.budget_evaluator import BudgetEvaluator, expected_steps
-from lit.tradeoff import main, parse_args, summarise
+from lit.tradeoff.__main__ import main, parse_args
+from lit.tradeoff.report import summarise
 from tests.conftest import needs_fmnist
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.bert_classifier import MINILM, BertClassifier, resolve_pretrained
+from datamodules.pretrained import MINILM, resolve_pretrained
+from models.bert_classifier import BertClassifier
 from tests.conftest import CONFIGS, cli_args, run_lit
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
