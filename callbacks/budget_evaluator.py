@@ -4,6 +4,14 @@ time-accuracy study (Liu et al., arXiv 2208.07220, Sec. 5; the tool is :mod:`lit
 Training time is the wall clock (or the process's CPU time, which other programs on a shared
 machine do not inflate) minus evaluation. A run-length-aware schedule
 (:class:`lit.schedulers.WarmupDecay`) is re-planned after each step to end with the run.
+
+Each evaluation is the module's own
+(:meth:`models.classifier.ClassifierModule.held_out_accuracy`: its validation step's scoring over
+the validation batches, moved to the device by the Trainer's strategy and run under its precision
+context), so the points read what ``val/acc`` would. It runs between training steps
+rather than as the Trainer's validation loop, which the study keeps off (``limit_val_batches: 0``
+in :mod:`lit.tradeoff`: its epoch-end pass would repeat this callback's); the validation split is
+loaded once and kept.
 """
 
 from __future__ import annotations
@@ -14,14 +22,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lit.schedulers import plans_run_length
+from models.classifier import ClassifierModule
 
 
 def expected_steps(max_steps: int, step: int, seconds: float, budget_s: float | None) -> int:
@@ -67,6 +74,9 @@ class BudgetEvaluator(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, ClassifierModule):
+            raise ValueError(f"BudgetEvaluator: needs a classifier (models.ImageClassifier or models.BertClassifier, "
+                             f"a models.classifier.ClassifierModule), got {type(pl_module).__name__}")
         self.start, self.paused = self.now(), 0.0
 
     @override
@@ -99,19 +109,13 @@ class BudgetEvaluator(Callback):
             self.points[-1]["test_acc"] = round(float(trainer.callback_metrics["test/acc"]), 4)
             self.write(trainer)
 
-    @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, at_epoch_end: bool) -> None:
         """Validation accuracy now, with the clock paused."""
-        paused_at, seconds, was_training, metric = self.now(), self.seconds(), pl_module.training, None
+        paused_at, seconds = self.now(), self.seconds()
+        # Loaded once and kept (the split is small): later evaluations time no data loading.
         self.val_batches = self.val_batches or list(trainer.datamodule.val_dataloader())
-        pl_module.eval()
-        for images, labels in self.val_batches:
-            logits = pl_module(images.to(pl_module.device))
-            if metric is None:
-                metric = MulticlassAccuracy(logits.shape[-1], average="micro").to(logits.device)
-            metric.update(logits, labels.to(logits.device))
-        pl_module.train(was_training)
-        acc = float(metric.compute())
+        acc = pl_module.held_out_accuracy(self.val_batches, trainer.strategy.batch_to_device,
+                                          trainer.precision_plugin.forward_context)
         self.points.append({
             "run": self.run, "params": sum(p.numel() for p in pl_module.parameters()),
             "train_s": round(seconds, 2), "epochs": round(trainer.global_step / max(1, trainer.num_training_batches), 3),

@@ -2,37 +2,30 @@
 
 Data-scaling curves (Ardalani et al., arXiv 2208.08489) need the held-out loss after N samples
 for several N within one pass over the data. :func:`crossed` is the schedule (which eval points a
-step passed); :class:`EvalAtSamples` runs the datamodule's validation loader at those points,
+step passed); :class:`EvalAtSamples` scores the datamodule's validation loader at those points,
 logs ``eval_at/<metric>`` against the sample count, and keeps the points in ``history``. The
 training budget itself is the datamodule's ``train_samples`` with ``max_epochs: 1``; the train loss
 the model logs is progressive (each batch scored before its own update).
+
+The held-out numbers are the module's own (:meth:`models.DLRMModule.held_out_metrics`: the
+scoring of its validation and test steps over the validation loader, in metrics built like its
+own, batches moved by its own transfer, under the Trainer's precision context): a point at the
+last sample count reads what the Trainer's epoch-end validation (``val/*``) reads. Why not run the Trainer's validation loop
+itself at each point: the points must not depend on ``limit_val_batches`` (runs turn the
+epoch-end validation off with 0), and a validation run fires ``on_validation_end``, where
+``ModelCheckpoint`` saves whenever it does not save at epoch ends (``val_check_interval`` below
+1, ``check_val_every_n_epoch`` above 1): a checkpoint per point, and DLRM tables can be many GB.
 """
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
-
-from models.dlrm.metrics import CTRMetrics
 
 
 def crossed(points: list[int], before: int, after: int) -> list[int]:
     """Eval points in ``(before, after]``: the ones a step from ``before`` to ``after`` samples passed."""
     return [p for p in points if before < p <= after]
-
-
-@torch.no_grad()
-def evaluate(module: LightningModule, loader, device: torch.device) -> dict[str, float]:
-    """CTR metrics of ``module`` (a :class:`models.DLRMModule`) over ``loader``."""
-    metrics = CTRMetrics().to(device)
-    was_training = module.training
-    module.eval()
-    for batch in loader:
-        batch = batch.to(device)
-        metrics.update(module(batch), batch.labels)
-    module.train(was_training)
-    return {k: float(v) for k, v in metrics.compute().items()}
 
 
 class EvalAtSamples(Callback):
@@ -82,7 +75,8 @@ class EvalAtSamples(Callback):
         if not self._points(self._before, after):
             return
         loader = trainer.datamodule.val_dataloader()
-        result = {"samples": float(after), **evaluate(pl_module, loader, pl_module.device)}
+        scores = pl_module.held_out_metrics(loader, trainer.precision_plugin.forward_context)
+        result = {"samples": float(after), **scores}
         self.history.append(result)
         for logger in trainer.loggers:
             logger.log_metrics({f"eval_at/{k}": v for k, v in result.items() if k != "samples"},

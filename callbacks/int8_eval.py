@@ -1,4 +1,4 @@
-"""Test a text classifier in its own precision AND in LLM.int8(), side by side, in one run.
+"""Test a text classifier in its own precision AND in LLM.int8(), side by side, in one test loop.
 
 Dettmers et al., "LLM.int8()" (arXiv 2208.07339): the int8 layers are :class:`models.int8.Int8Linear`.
 Add the callback to a ``test`` (or to ``fit``, whose final test then does the same)::
@@ -6,50 +6,79 @@ Add the callback to a ``test`` (or to ``fit``, whose final test then does the sa
     python -m lit test --config configs/bert/minilm_dense.yaml --ckpt_path X.ckpt \\
         --trainer.callbacks+=callbacks.Int8Eval
 
-The model's own test pass runs first and logs ``test/acc`` and ``test/loss`` as usual. At the
-end of that epoch the callback
+When the test loop starts, the callback
 
 1. calibrates: hooks the selected Linear layers on ``calibration_batches`` batches of the
-   validation split and keeps the 16-bit weight columns of every input dimension that reached
-   the threshold there (the paper's systematic outlier dimensions; see ``models/int8.py``);
-2. swaps those layers for ``Int8Linear`` in place (``outliers="dynamic"`` by default: every
-   column is checked on every call, as in the paper), runs the same test batches again, logs
-   ``test_int8/acc`` and ``test_int8/loss``, and puts the original layers back;
-3. logs the weight memory of both: ``test/weight_mb`` and ``test_int8/weight_mb`` (the whole
-   model's parameters and buffers, as held: fp32 under ``32-true``, bf16 under ``bf16-true``) and
-   ``test/linear_mb`` / ``test_int8/linear_mb`` (the converted layers alone).
+   validation split (a forward-only pass, no metric) and keeps the 16-bit weight columns of
+   every input dimension that reached the threshold there (the paper's systematic outlier
+   dimensions; see ``models/int8.py``);
+2. builds an int8 copy of the network: :func:`models.classifier.shared_copy` of ``net`` (new
+   modules, the same tensors), whose selected layers :func:`models.int8.quantize_model`
+   replaces by ``Int8Linear`` (``outliers="dynamic"`` by default: every column is checked on
+   every call, as in the paper); the module's own layers are never touched;
+3. registers it as the module's evaluation variant ``prefix``
+   (:meth:`models.classifier.ClassifierModule.add_eval_variant`).
+
+The test loop then scores every batch twice, the module's pass and the int8 copy's, with the
+same code: ``test/acc``, ``test/loss`` and ``test_int8/acc``, ``test_int8/loss`` come from one
+loop over the same batches. At the end of the epoch the callback logs the weight memory of both:
+``test/weight_mb`` and ``test_int8/weight_mb`` (the whole model's parameters and buffers, as held:
+fp32 under ``32-true``, bf16 under ``bf16-true``) and ``test/linear_mb`` / ``test_int8/linear_mb``
+(the converted layers alone); at the end of the loop it removes the variant and drops the copy.
 
 The comparison is "as run": under ``--trainer.precision bf16-true`` the reference is bf16 and the
 int8 model's outlier part and unconverted layers are bf16 too (the paper's setting); under
-``32-true`` both are fp32. Batches must be dicts with ``input_ids``, optional
-``attention_mask`` and ``labels``, and the module's ``forward(input_ids, attention_mask)`` must
-return logits (:class:`models.BertClassifier`). A checkpoint trained with N:M pruning converts
-like a dense one (its zeros quantize to zero).
+``32-true`` both are fp32. The module must be a :class:`models.BertClassifier` (its
+``net_logits`` runs the copy); calibration batches must be dicts with ``input_ids`` and optional
+``attention_mask``. A checkpoint trained with N:M pruning converts like a dense one (its zeros
+quantize to zero).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
-from models.int8 import (DEFAULT_INCLUDE, OUTLIER_MODES, Int8Linear, OutlierCounter, check_threshold,
+from models.classifier import ClassifierModule, shared_copy
+from models.int8 import (DEFAULT_INCLUDE, OUTLIER_MODES, Int8Report, OutlierCounter, check_threshold,
                          quantize_model, weight_bytes)
 
 MB = 2**20
 
 
+def calibrate_fp16_dims(module: nn.Module, layers: dict[str, nn.Module], batches: Iterable[dict],
+                        threshold: float, keep_min_fraction: float = 0.0) -> dict[str, torch.Tensor]:
+    """Calibration, not evaluation: per layer, the input dimensions that reached ``threshold``.
+
+    Runs ``module(input_ids, attention_mask)`` on each batch (forward only, nothing is scored)
+    with :class:`models.int8.OutlierCounter` hooked on ``layers`` (padding not counted) and
+    returns :meth:`~models.int8.OutlierCounter.outlier_dims` ``(keep_min_fraction)``: the
+    16-bit weight columns an :class:`~models.int8.Int8Linear` keeps. Call it without autograd,
+    with batches already on the module's device.
+    """
+    counter = OutlierCounter(layers, threshold)
+    with counter:
+        for batch in batches:
+            counter.set_mask(batch.get("attention_mask"))
+            module(batch["input_ids"], batch.get("attention_mask"))
+    return counter.outlier_dims(keep_min_fraction)
+
+
 class Int8Eval(Callback):
-    """Evaluate the test split a second time with LLM.int8() layers (see module docstring).
+    """Score the test split in int8 too, as an evaluation variant (see module docstring).
 
     Args:
         threshold: outlier threshold ``alpha`` (the paper: 6.0; ``.inf`` = plain int8).
-        include: regexes (``re.search``) over module names selecting the layers to convert.
+        include: regexes (``re.search``) over module names (as in the LightningModule:
+            ``net.bert.encoder...``) selecting the layers to convert.
         exclude: regexes removing layers from the selection.
         calibration_batches: validation batches used to choose the kept 16-bit weight columns;
             0 keeps none (outlier columns then use their dequantized int8 weights).
@@ -58,6 +87,9 @@ class Int8Eval(Callback):
         outliers: ``"dynamic"`` (the paper: every column checked on every call) or
             ``"calibrated"`` (only the kept columns; fixed shapes), see ``models/int8.py``.
         prefix: metric prefix of the int8 pass.
+
+    After a test, :attr:`results` holds the logged numbers, :attr:`report` the
+    :class:`models.int8.Int8Report` and :attr:`fp16_dims` the kept columns per layer.
     """
 
     def __init__(
@@ -85,56 +117,87 @@ class Int8Eval(Callback):
         self.calibration_batches = calibration_batches
         self.keep_min_fraction, self.outliers = keep_min_fraction, outliers
         self.prefix = prefix
-        self.report = None  # models.int8.Int8Report of the last run
+        self.report: Int8Report | None = None  # of the last run
         self.fp16_dims: dict[str, torch.Tensor] = {}  # kept 16-bit columns of the last run
         self.results: dict[str, float] = {}
+        self._net: nn.Module | None = None  # the int8 copy while a test runs
+        self._bytes: tuple[int, int] = (0, 0)  # whole model: (own, int8)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, ClassifierModule) or not callable(getattr(pl_module, "net_logits", None)):
+            raise ValueError(f"Int8Eval: needs a models.BertClassifier (a ClassifierModule with .net and "
+                             f"net_logits), got {type(pl_module).__name__}")
+        self.fp16_dims = self._calibrate(trainer, pl_module)
+        # The test loop runs in inference mode; the copy's modules are ordinary ones.
+        with torch.inference_mode(False), torch.no_grad():
+            holder = nn.ModuleDict({"net": shared_copy(pl_module.net).eval()})  # names as in pl_module
+            self.report = quantize_model(holder, self.threshold, self.include, self.exclude, self.fp16_dims,
+                                         self.outliers)
+        self._net = holder["net"]
+        own = weight_bytes(pl_module)
+        self._bytes = (own, own - weight_bytes(pl_module.net) + weight_bytes(self._net))
+        pl_module.add_eval_variant(self.prefix, functools.partial(pl_module.net_logits, self._net))
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        before = weight_bytes(pl_module)
-        originals = dict(pl_module.named_modules())
-        fp16_dims = self.fp16_dims = self._calibrate(trainer, pl_module)
-        self.report = quantize_model(pl_module, self.threshold, self.include, self.exclude, fp16_dims,
-                                     self.outliers)
-        try:
-            after = weight_bytes(pl_module)
-            loss, acc = self._evaluate(trainer, pl_module)
-        finally:
-            for name in self.report.converted:  # the 16-bit layers come back whatever happened
-                pl_module.set_submodule(name, originals[name])
-        kept = sum(len(v) for v in fp16_dims.values())
-        self.results = {
-            f"{self.prefix}/acc": acc, f"{self.prefix}/loss": loss,
-            "test/weight_mb": before / MB, f"{self.prefix}/weight_mb": after / MB,
-            "test/linear_mb": self.report.bytes_before / MB, f"{self.prefix}/linear_mb": self.report.bytes_after / MB,
-        }
-        for key, value in self.results.items():
+        if self._net is None:
+            return
+        for key, value in self._memory().items():
             pl_module.log(key, value, sync_dist=False)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._net is None:
+            return
+        self._release(pl_module)
+        metrics = trainer.callback_metrics
+        self.results = {k: float(metrics[k]) for k in (f"{self.prefix}/acc", f"{self.prefix}/loss")
+                        if k in metrics}
+        self.results.update(self._memory())
+        own_mb, int8_mb = (b / MB for b in self._bytes)
+        kept = sum(len(v) for v in self.fp16_dims.values())
         rank_zero_info(f"[int8] {self.report}\n[int8] kept 16-bit weight columns: {kept} over "
-                       f"{len(fp16_dims)} layers (calibration: {self.calibration_batches} validation batches)\n"
-                       f"[int8] weights {before / MB:.2f} MiB -> {after / MB:.2f} MiB; "
-                       f"test acc int8 {acc:.4f}, loss {loss:.4f}")
+                       f"{len(self.fp16_dims)} layers (calibration: {self.calibration_batches} validation "
+                       f"batches)\n[int8] weights {own_mb:.2f} MiB -> {int8_mb:.2f} MiB; test acc int8 "
+                       f"{self.results.get(f'{self.prefix}/acc', float('nan')):.4f}, loss "
+                       f"{self.results.get(f'{self.prefix}/loss', float('nan')):.4f}")
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._net is not None:
+            self._release(pl_module)
+
+    def _release(self, pl_module: LightningModule) -> None:
+        if self.prefix in pl_module.eval_variants:
+            pl_module.remove_eval_variant(self.prefix)
+        self._net = None
+
+    def _memory(self) -> dict[str, float]:
+        own, int8 = self._bytes
+        report, p = self.report, self.prefix
+        return {"test/weight_mb": own / MB, f"{p}/weight_mb": int8 / MB,
+                "test/linear_mb": report.bytes_before / MB, f"{p}/linear_mb": report.bytes_after / MB}
 
     def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
-        """Per selected layer, the input dims that reached the threshold on validation batches."""
+        """The kept 16-bit columns from ``calibration_batches`` validation batches."""
         if self.calibration_batches == 0 or self.threshold == float("inf"):
             return {}
         from models.nm_sparsity import select_linears
 
         layers = select_linears(pl_module, self.include, self.exclude)
-        layers = {n: m for n, m in layers.items() if not isinstance(m, Int8Linear)}
         if not layers:
-            return {}
+            return {}  # quantize_model names the empty selection
         loader = self._val_loader(trainer)
-        counter = OutlierCounter(layers, self.threshold)
-        with counter, torch.no_grad(), trainer.precision_plugin.forward_context():
+
+        def batches():
             for i, batch in enumerate(loader):
                 if i >= self.calibration_batches:
-                    break
-                batch = self._check(trainer.strategy.batch_to_device(batch))
-                counter.set_mask(batch.get("attention_mask"))
-                pl_module(batch["input_ids"], batch.get("attention_mask"))
-        return counter.outlier_dims(self.keep_min_fraction)
+                    return
+                yield self._check(trainer.strategy.batch_to_device(batch))
+
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            return calibrate_fp16_dims(pl_module, layers, batches(), self.threshold, self.keep_min_fraction)
 
     @staticmethod
     def _val_loader(trainer: Trainer):
@@ -150,33 +213,8 @@ class Int8Eval(Callback):
 
     @staticmethod
     def _check(batch: object) -> dict:
-        if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(f"Int8Eval: batches must be dicts with 'input_ids' and 'labels' (a text "
+            raise ValueError(f"Int8Eval: calibration batches must be dicts with 'input_ids' (a text "
                              f"classification datamodule), got {keys!r}")
         return batch
-
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy over every test dataloader, reduced across ranks."""
-        loaders = trainer.test_dataloaders
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        device = pl_module.device
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.float64, device=device)
-        limit = trainer.num_test_batches
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            for k, loader in enumerate(loaders):
-                for i, batch in enumerate(loader):
-                    if i >= limit[k]:
-                        break
-                    batch = self._check(trainer.strategy.batch_to_device(batch))
-                    logits = pl_module(batch["input_ids"], batch.get("attention_mask")).float()
-                    labels = batch["labels"]
-                    loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-                    correct += (logits.argmax(dim=-1) == labels).sum().double()
-                    count += labels.numel()
-        loss_sum, correct, count = (trainer.strategy.reduce(t, reduce_op="sum") for t in (loss_sum, correct, count))
-        if float(count) == 0:
-            raise ValueError("Int8Eval: the test dataloader yielded no batches")
-        return float(loss_sum / count), float(correct / count)

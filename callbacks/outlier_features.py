@@ -161,7 +161,8 @@ class OutlierFeatures(Callback):
 
     def _pause(self) -> None:
         # Only the loop's own batches count: not the forwards other callbacks run between
-        # batches or at epoch end (e.g. Int8Eval's calibration and int8 pass).
+        # batches or at epoch end. (Evaluation variants, e.g. Int8Eval's int8 pass, run inside
+        # the batch on copies of the network, whose layers are not hooked.)
         if self.counter is not None:
             self.counter.paused = True
 

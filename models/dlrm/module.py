@@ -12,7 +12,9 @@ torchrec) embedding dim.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterable
 from typing import Literal, get_args
 
 import numpy as np
@@ -290,6 +292,26 @@ class DLRMModule(LitModule):
         """Add a held-out batch to ``metrics``: the step of validation, test and of
         :class:`callbacks.EvalAtSamples` (one code path for every held-out number)."""
         metrics.update(self(batch), batch.labels)
+
+    @torch.no_grad()
+    def held_out_metrics(self, batches: Iterable,
+                         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                         ) -> dict[str, float]:
+        """CTR metrics over ``batches`` in eval mode, between training steps (what
+        :class:`callbacks.EvalAtSamples` asks at its sample counts): each batch moved by
+        :meth:`transfer_batch_to_device` (non-blocking from pinned memory, nothing to do for
+        on-device batches) and scored by :meth:`score_batch` inside ``context()`` (the
+        Trainer's precision context); the metrics are reduced across ranks once, at the end."""
+        metrics = self.ctr_metrics().to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            with context():
+                for batch in batches:
+                    self.score_batch(self.transfer_batch_to_device(batch, self.device, 0), metrics)
+        finally:
+            self.train(was_training)
+        return {k: float(v) for k, v in metrics.compute().items()}
 
     @override
     def validation_step(self, batch, batch_idx: int) -> None:

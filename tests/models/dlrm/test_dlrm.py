@@ -323,9 +323,7 @@ def test_planner_sees_the_gpu_memory_not_torchrec_default_32gb():
         plan(Topology(world_size=1, compute_device="cuda"))  # torchrec's 32 GB default
 
 
-def test_eval_at_samples_evaluates_without_autograd():
-    from callbacks.eval_at_samples import evaluate
-
+def test_held_out_metrics_evaluate_without_autograd():
     dm = SyntheticCTR(batch_size=64, train_samples=128, val_samples=128, test_samples=64,
                       cardinalities=[50, 20, 7], num_dense=3)
     dm.setup("fit")
@@ -337,6 +335,6 @@ def test_eval_at_samples_evaluates_without_autograd():
     grad_modes = []
     module.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     module.train()
-    result = evaluate(module, dm.val_dataloader(), torch.device("cpu"))
+    result = module.held_out_metrics(dm.val_dataloader())
     assert grad_modes == [False, False] and module.training  # 2 batches, mode restored
     assert 0.0 <= result["auroc"] <= 1.0 and torch.is_grad_enabled()
