@@ -5,8 +5,9 @@ PatchDropout (Liu et al., arXiv 2208.07220) is switched on with ``keep_rate < 1`
 tokens (ViT/DeiT: :mod:`models.patch_dropout`; Swin: the structured rows x columns form of
 :mod:`models.swin_patch_dropout`); validation, test and predict always see every patch.
 
-``compile`` runs the backbone, PatchDropout included, through ``torch.compile``; see
-:func:`compile_backbone`.
+``compile`` runs the backbone through ``torch.compile``: the whole backbone, PatchDropout
+included, or each transformer block (``compile_scope``), with inductor's caches in
+``compile_cache_dir``; see :mod:`models.compile_backbone`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 import timm
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup, resolve_model_data_config
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
@@ -26,15 +28,20 @@ from typing_extensions import override
 import models.timm_tiny  # noqa: F401  (registers the 28x28 models)
 from lit.module import decay_groups, default_optimizer
 from models.classifier import ClassifierModule
+from models.compile_backbone import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    DEFAULT_COMPILE_SCOPE,
+    CompileMode,
+    CompileScope,
+    CompileWatch,
+    compile_backbone,
+    compiled_scope,
+    configure_compile_cache,
+    describe_cache,
+)
 from models.patch_dropout import PatchDropout, install_patch_dropout, keep_count
 from models.swin_patch_dropout import SwinPatchDropout, install_swin_patch_dropout, kept_window_size
-
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Graphs one compiled backbone may hold: the random schedule's 11 keep counts, eval, a last
-# partial batch in each; torch's default (8) would send the rest back to eager.
-RECOMPILE_LIMIT = 32
-
 
 def build_backbone(backbone: str | nn.Module, num_classes: int, in_chans: int, img_size: int | None,
                    keep_rate: float, pretrained: bool, drop_path_rate: float,
@@ -76,34 +83,6 @@ def create_timm_model(name: str, num_classes: int, in_chans: int, img_size: int 
             raise
         raise ValueError(f"backbone: timm has no model named {name!r}; list them with "
                          f"`python -c \"import timm; print(timm.list_models('*deit*'))\"`") from err
-
-
-def compile_backbone(model: nn.Module, mode: bool | str = True, backend: str = "inductor",
-                     dynamic: bool = False) -> nn.Module:
-    """``torch.compile`` ``model`` in place (``nn.Module.compile``) and return it.
-
-    In place, so the state dict keeps its keys (no ``_orig_mod.`` prefix) and checkpoints load
-    with and without compile. PatchDropout traces as part of the graph: its keep rate must be a
-    plain number drawn before the call (``layer.draw()``, as :class:`ImageClassifier` does), so
-    each distinct keep count is one specialised graph (``dynamic=False``, the default): a fixed
-    keep rate compiles one training graph, the random schedule at most 11, and eval (every patch)
-    one more; the recompile limit is raised to hold them all. ``mode``: ``True`` or a
-    ``torch.compile`` mode; ``backend``: ``"inductor"``, or ``"aot_eager"`` / ``"eager"`` to
-    check tracing without code generation (fast on a CPU).
-    """
-    if mode is False:
-        return model
-    if mode is not True and mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be false, true or one of {COMPILE_MODES}, got {mode!r}")
-    import torch._dynamo.config as dynamo_config
-
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-    kwargs: dict = {"backend": backend, "dynamic": dynamic}
-    if mode is not True and mode != "default" and backend == "inductor":
-        kwargs["mode"] = mode
-    model.compile(**kwargs)
-    return model
 
 
 def draw_patch_dropout(model: nn.Module, image_hw: tuple[int, int]) -> float | None:
@@ -155,21 +134,32 @@ class ImageClassifier(ClassifierModule):
         mixup_alpha, cutmix_alpha: timm Mixup / CutMix strengths; 0 (the default) is off.
         throughput_every_n_steps: log ``train/images_per_s`` over windows of this many steps
             (synchronising the GPU once per window, so the number includes data loading).
-        compile: ``torch.compile`` the backbone with PatchDropout inside: ``false`` (eager),
-            ``true`` (default mode) or a mode (``"reduce-overhead"`` = CUDA graphs,
-            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``). One graph per keep count
-            (the random schedule: at most 11) plus one for eval; the state dict is unchanged.
+        compile: ``torch.compile`` the backbone: ``false`` (eager), ``true`` (default mode) or a
+            mode (``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``). One graph per keep count (the random schedule: at
+            most 11) plus one for eval; the state dict is unchanged.
         compile_backend: ``"inductor"`` (code generation), or ``"aot_eager"`` / ``"eager"`` to
             trace only (checks the graph quickly on a CPU).
         compile_dynamic: ``torch.compile(dynamic=...)``; ``false`` specialises each keep count
             and batch size (fastest kernels), ``true`` makes the batch size symbolic (ViT/DeiT;
             tracing Swin's structured drop symbolically takes minutes).
+        compile_scope: ``"model"`` (the whole backbone, PatchDropout inside the graph) or
+            ``"blocks"`` (each transformer block; identical blocks share one graph, so the first
+            compile is about depth times shorter; PatchDropout, patch embedding and head run
+            eager). Backbones without a ``blocks`` sequence (Swin) compile whole either way.
+        compile_cache_dir: where inductor's FX graph and AOTAutograd caches live (both on), so a
+            second run of the same configuration loads its graphs instead of compiling them;
+            ``null`` keeps torch's default (``TORCHINDUCTOR_CACHE_DIR``, else
+            ``<tmp>/torchinductor_<user>``). The directory applies to the whole process.
         optimizer, lr_scheduler, lr_scheduler_interval: see :class:`lit.module.LitModule`.
 
     Logged at train time: ``train/loss``, ``train/acc``, ``train/images_per_s``,
     ``train/keep_rate`` and ``train/tokens_kept`` (patch tokens per image entering the first
     block; for Swin the first stage's tokens). The model summary's FLOPs are those of one
-    full-size image in eval mode (every patch).
+    full-size image in eval mode (every patch). When compiled, the log names the scope and the
+    cache directory, and gives the seconds of the first step of every graph (a new keep count
+    or batch size: compile or cache load) with the cache hits and misses it caused; the same
+    records are in ``compile_records``.
     """
 
     def __init__(
@@ -190,6 +180,8 @@ class ImageClassifier(ClassifierModule):
         compile: bool | CompileMode = False,
         compile_backend: str = "inductor",
         compile_dynamic: bool = False,
+        compile_scope: CompileScope = DEFAULT_COMPILE_SCOPE,
+        compile_cache_dir: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
@@ -211,8 +203,43 @@ class ImageClassifier(ClassifierModule):
         self.throughput_every_n_steps = throughput_every_n_steps
         self._window_start: float | None = None
         self._window_images = 0
+        if compile is not True and compile is not False and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be false, true or one of {COMPILE_MODES}, got {compile!r}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        if compile_cache_dir is not None and (not isinstance(compile_cache_dir, str) or not compile_cache_dir.strip()):
+            raise ValueError(f"compile_cache_dir must be a directory path or null (torch's default), "
+                             f"got {compile_cache_dir!r}")
         self.compiled = compile is not False
-        compile_backbone(net, compile, compile_backend, compile_dynamic)
+        self._compile_watch = CompileWatch() if self.compiled else None
+        self._compile_summary: str | None = None  # logged, and the cache set up, at the first forward
+        self._compile_cache = (compile_backend == "inductor", compile_cache_dir)
+        if self.compiled:
+            what = compiled_scope(net, compile_scope)  # before compile_backbone changes the blocks
+            compile_backbone(net, compile, compile_backend, compile_dynamic, compile_scope)
+            mode = compile if compile is not True else "default"
+            self._compile_summary = f"torch.compile ({compile_backend}, mode {mode}, scope {compile_scope!r}): {what}"
+
+    def prepare_compile(self) -> dict | None:
+        """Point inductor's caches at ``compile_cache_dir`` and log the compile settings, once,
+        before the first compiled forward (so that building a model changes nothing process-wide);
+        returns the cache state (:func:`models.compile_backbone.configure_compile_cache`)."""
+        if self._compile_summary is None:
+            return None
+        generates_code, cache_dir = self._compile_cache
+        cache = configure_compile_cache(cache_dir) if generates_code else None
+        caches = "no code caches (trace-only backend)" if cache is None else (
+            f"FX graph cache {'on' if cache['fx_graph_cache'] else 'OFF'}, AOTAutograd cache "
+            f"{'on' if cache['autograd_cache'] else 'OFF'}, cache dir {cache['dir']}")
+        rank_zero_info(f"{self._compile_summary}; {caches}")
+        self._compile_summary = None
+        return cache
+
+    @property
+    def compile_records(self) -> list[dict]:
+        """One record per compiled graph key: ``key`` (``("train", tokens, batch)`` or
+        ``("eval", batch)``), ``seconds`` of its first step, and the cache counter deltas."""
+        return [] if self._compile_watch is None else list(self._compile_watch.records)
 
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
@@ -220,11 +247,37 @@ class ImageClassifier(ClassifierModule):
             return self.backbone(images)
         if _get_current_dispatch_mode() is not None:
             # Under a dispatch mode (the model summary's FLOP counter): eager, so that counting
-            # compiles nothing; `_call_impl` is the module call without the compiled wrapper.
-            return self.backbone._call_impl(images)
+            # compiles nothing (whole backbone or its compiled blocks).
+            with torch.compiler.set_stance("force_eager"):
+                return self.backbone(images)
+        if self._compile_summary is not None:
+            self.prepare_compile()
+        watch = self._compile_watch
         if self.training:
             draw_patch_dropout(self.backbone, tuple(images.shape[-2:]))
-        return self.backbone(images)
+            layer = getattr(self.backbone, "patch_drop", None)
+            key = ("train", getattr(layer, "last_tokens", None), images.shape[0])
+        else:
+            key = ("eval", images.shape[0])
+        if watch.needs_finish(key):  # a loop without on_train_batch_end: the record ends here
+            self._report_compile(images.device)
+        timed = watch.start(key, images.device)
+        if self.training:  # closed in on_train_batch_end: the backward graph compiles in backward
+            return self.backbone(images)
+        logits = self.backbone(images)
+        if timed:
+            self._report_compile(images.device)
+        return logits
+
+    def _report_compile(self, device: torch.device) -> None:
+        record = self._compile_watch.finish(device)
+        if record is None:
+            return
+        stage, *rest = record["key"]
+        what = (f"training, {rest[0] if rest[0] is not None else 'all'} patch tokens, batch {rest[1]}"
+                if stage == "train" else f"eval, batch {rest[0]}")
+        rank_zero_info(f"torch.compile: first step of a new graph ({what}): {record['seconds']:.1f} s; "
+                       f"{describe_cache(record)}")
 
     @override
     def optimizer_groups(self) -> list[dict]:
@@ -255,6 +308,8 @@ class ImageClassifier(ClassifierModule):
 
     @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._compile_watch is not None:
+            self._report_compile(self.device)
         # Throughput over windows of steps: one device sync per window, not per step.
         self._window_images += batch[0].shape[0]
         if self._window_start is None or (batch_idx + 1) % self.throughput_every_n_steps == 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -26,27 +25,38 @@ def indexed_tokens(batch: int, prefix: int, patches: int) -> torch.Tensor:
     return ids[:, :, None].expand(batch, prefix + patches, 3).clone()
 
 
-@pytest.mark.parametrize("patches, keep, expected", [(196, 0.5, 98), (196, 0.25, 49), (49, 0.5, 24),
-                                                     (49, 0.75, 36), (784, 0.25, 196), (10, 0.01, 1)])
-def test_keep_count_is_floor_with_at_least_one(patches: int, keep: float, expected: int) -> None:
+# Worked by hand: floor(L * keep), at least 1. (10, 0.1) and (100, 0.1) are where timm's
+# int(L * (1 - prob)) with prob = 1 - keep comes out one short (0.1 -> 1 - 0.9 = 0.0999...).
+HAND_COUNTS = [(196, 0.5, 98), (196, 0.25, 49), (49, 0.5, 24), (49, 0.75, 36), (784, 0.25, 196), (16, 0.3, 4),
+               (16, 0.01, 1), (10, 0.01, 1), (10, 0.1, 1), (100, 0.1, 10), (3, 0.99, 2), (40, 0.85, 34), (40, 0.65, 26)]
+
+
+@pytest.mark.parametrize("patches, keep, expected", HAND_COUNTS)
+def test_keep_count_and_the_tokens_kept_equal_hand_worked_counts(patches: int, keep: float, expected: int) -> None:
     assert keep_count(patches, keep) == expected
-
-
-@pytest.mark.parametrize("patches, keep", [(10, 0.1), (100, 0.1), (49, 0.5), (196, 0.25), (3, 0.99)])
-def test_token_count_is_exact_where_one_minus_prob_rounds_down(patches: int, keep: float) -> None:
-    """timm counts int(L * (1 - prob)); with prob = 1 - keep that is one short for (10, 0.1)."""
     out, idx = patch_dropout(indexed_tokens(2, 1, patches), keep, 1)
-    assert out.shape[1] == 1 + keep_count(patches, keep) and idx.shape == (2, keep_count(patches, keep))
+    assert out.shape == (2, 1 + expected, 3) and idx.shape == (2, expected)
 
 
 @pytest.mark.parametrize("ordered", [True, False])
-def test_the_drop_is_timms_patch_dropout_forward(ordered: bool) -> None:
-    x = torch.randn(3, 2 + 40, 8)
-    torch.manual_seed(5)
-    ours = patch_dropout(x, 0.5, 2, ordered)
-    torch.manual_seed(5)
-    reference = patch_dropout_forward(x, 1 - 20.5 / 40, 2, ordered, training=True)
-    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+def test_kept_tokens_are_input_rows_float64(ordered: bool) -> None:
+    """Independent of how the layer picks them: every kept row is found again among the input
+    rows by exact float64 equality (random rows are distinct), the prefix is untouched, each
+    sample keeps 98 distinct patches of its own, in raster order when ordered."""
+    torch.manual_seed(1)
+    batch, prefix, patches, dim = 32, 2, 196, 6
+    x = torch.randn(batch, prefix + patches, dim, dtype=torch.float64)
+    out, idx = patch_dropout(x, 0.5, prefix, ordered=ordered)
+    assert out.shape == (batch, prefix + 98, dim) and out.dtype == torch.float64
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+    match = (out[:, prefix:, None, :] == x[:, None, prefix:, :]).all(-1)  # (B, 98, 196): kept row j is patch i
+    assert (match.sum(-1) == 1).all()  # each kept row is exactly one input patch of the same sample
+    found = match.float().argmax(-1)  # (B, 98) patch positions, read back from the values
+    assert torch.equal(found, idx)
+    assert all(len(set(row.tolist())) == 98 for row in found)  # without replacement
+    increasing = (found.diff(dim=1) > 0).all(dim=1)
+    assert increasing.all() if ordered else not increasing.any()  # a sorted shuffle of 98: p = 1/98!
+    assert len({tuple(row.tolist()) for row in found}) == batch  # per-sample draws, not one shared subset
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 2, 5])
@@ -68,15 +78,17 @@ def test_prefix_tokens_kept_and_patches_a_subset(prefix: int, ordered: bool) -> 
         assert not is_sorted.all()
 
 
-def test_each_sample_draws_its_own_uniform_subset() -> None:
+@pytest.mark.parametrize("ordered", [True, False])
+def test_each_sample_draws_its_own_uniform_subset(ordered: bool) -> None:
     torch.manual_seed(0)
     batch, patches, keep = 4000, 16, 0.25
-    _, idx = patch_dropout(indexed_tokens(batch, 1, patches), keep, 1)
+    _, idx = patch_dropout(indexed_tokens(batch, 1, patches), keep, 1, ordered=ordered)
     chosen = torch.zeros(batch, patches).scatter_(1, idx, 1.0)
-    # Marginal inclusion probability k / L = 0.25 for every position (5 sigma band).
+    assert (chosen.sum(1) == 4).all()
+    # Marginal inclusion probability k / L = 4 / 16 for every position: binomial(4000, 1/4),
+    # sigma = sqrt(0.25 * 0.75 / 4000) = 0.00685; 5 sigma is 0.034.
     freq = chosen.mean(0)
-    sigma = (0.25 * 0.75 / batch) ** 0.5
-    assert ((freq - 0.25).abs() < 5 * sigma).all(), freq
+    assert ((freq - 0.25).abs() < 0.034).all(), freq
     # Samples are independent: two samples share on average k^2 / L = 1 position, and almost
     # no pair of neighbours has the same subset (1 / C(16, 4) = 1/1820 by chance).
     overlap = (chosen[1:] * chosen[:-1]).sum(1).mean()
@@ -102,10 +114,12 @@ def test_layer_is_identity_in_eval_and_draws_rates_in_train() -> None:
     layer.train()
     torch.manual_seed(1)
     seen = set()
+    by_hand = {1.0: 40, 0.95: 38, 0.9: 36, 0.85: 34, 0.8: 32, 0.75: 30, 0.7: 28, 0.65: 26, 0.6: 24, 0.55: 22,
+               0.5: 20}  # floor(40 * rate) for the schedule's 11 rates
     for _ in range(60):
         out = layer(x)
         seen.add(layer.last_keep_rate)
-        assert out.shape[1] == 1 + keep_count(40, layer.last_keep_rate)
+        assert out.shape[1] == 1 + by_hand[round(layer.last_keep_rate, 2)]
         assert layer.last_tokens == out.shape[1] - 1
     assert 1.0 in seen and len(seen) > 3
 
