@@ -39,12 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["N", "V", "H", "M", "O", "compute"],
                    help="curves to fit (default: every curve with enough points); a curve named "
                         "here with too few points is an error")
-    f.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    f.add_argument("--confidence", type=float, default=0.95)
+    f.add_argument("--confidence", type=float, default=0.95,
+                   help="level of the profile-likelihood intervals")
     f.add_argument("--flat-tol", type=float, default=0.005,
-                   help="'out of steam' when the CI's lower bound of the relative loss drop over the "
-                        "last 10x of x is below this")
-    f.add_argument("--seed", type=int, default=0)
+                   help="'out of steam' when the whole interval of the relative loss drop over the "
+                        "last 10x of x is below this, 'cannot tell' when it straddles it")
+    f.add_argument("--compute-envelope", action="store_true",
+                   help="fit the compute curve on the lower envelope of the runs (each point beats "
+                        "every smaller-compute one) instead of every run; biases gamma down")
 
     a = sub.add_parser("allocate", help="split a compute budget between data and one knob")
     a.add_argument("results", help="results.csv written by `sweep`")
@@ -53,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "train_logloss"])
     a.add_argument("--extrapolate", type=float, default=1.0,
                    help="allow knob sizes this factor beyond the measured range (1 = none)")
-    a.add_argument("--bootstrap", type=int, default=1000)
+    a.add_argument("--bootstrap", type=int, default=1000,
+                   help="residual-bootstrap resamples for the predicted loss's interval")
     a.add_argument("--confidence", type=float, default=0.95)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default=None, help="also write the table as markdown here")

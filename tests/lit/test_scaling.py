@@ -1,6 +1,8 @@
-"""lit.scaling: the power-law fitter against known laws, exclusion of failed and NaN rows, too few
-points, the sweep's grid and configs (dry run), resume, and the allocation against a hand
-calculation. The end-to-end sweep through real ``python -m lit fit`` subprocesses is ``slow``."""
+"""lit.scaling: results tables (exclusion of failed and NaN rows, too few points), the fit
+command's tables, CSV and plots with "not identified" curves, the compute envelope (off and on),
+the sweep's grid and configs (dry run), resume, and the allocation against a hand calculation.
+The fitter itself is tests/lit/scaling/test_power_law.py. The end-to-end sweep through real
+``python -m lit fit`` subprocesses is ``slow``."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from lit.scaling.allocate import allocate, loglog_interp
-from lit.scaling.fit import PowerLawFit, fit_command, fit_power_law, load_results
+from lit.scaling.allocate import allocate, allocate_command, loglog_interp
+from lit.scaling.fit import (PowerLawFit, curve_points, fit_command, fit_power_law, fit_table,
+                             load_results)
 from lit.scaling.sweep import (COLUMNS, append_row, build_grid, load_sweep_config, read_results,
                                sweep)
 from tests.conftest import ROOT
@@ -29,48 +32,6 @@ TRUE = dict(alpha=30.0, beta=0.4, gamma=0.45)
 
 def law(x, alpha=TRUE["alpha"], beta=TRUE["beta"], gamma=TRUE["gamma"]):
     return alpha * np.power(x, -beta) + gamma
-
-
-def test_fit_recovers_known_law_and_ci_covers_it():
-    x = np.geomspace(1e4, 1e7, 12)
-    covered = 0
-    seeds = range(6)
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        y = law(x) * (1.0 + 0.002 * rng.standard_normal(len(x)))  # 0.2% noise
-        fit = fit_power_law(x, y, bootstrap=200, seed=seed)
-        assert fit.beta == pytest.approx(TRUE["beta"], rel=0.03)
-        assert fit.gamma == pytest.approx(TRUE["gamma"], rel=0.02)
-        assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.10)
-        lo, hi = fit.beta_ci
-        covered += lo <= TRUE["beta"] <= hi
-    assert covered >= 5  # 95% intervals: most seeds cover the truth
-
-
-def test_fit_exact_law_reproduces_parameters_and_original_x_units():
-    x = np.array([3e5, 1e6, 3e6, 1e7, 3e7])
-    fit = fit_power_law(x, law(x, 5e3, 0.7, 0.1), bootstrap=20)
-    assert (fit.alpha, fit.beta, fit.gamma) == pytest.approx((5e3, 0.7, 0.1), rel=1e-4)
-    assert fit.predict([2e6])[0] == pytest.approx(5e3 * 2e6 ** -0.7 + 0.1, rel=1e-6)
-
-
-def test_flat_curve_is_out_of_steam_and_steep_is_not():
-    x = np.geomspace(1e5, 1e8, 6)
-    rng = np.random.default_rng(0)
-    flat = fit_power_law(x, 0.47 + 0.002 * rng.standard_normal(6), bootstrap=100)
-    steep = fit_power_law(x, law(x / 100), bootstrap=100)
-    assert flat.out_of_steam(0.005)
-    assert not steep.out_of_steam(0.005)
-
-
-@pytest.mark.parametrize("x, y, match", [
-    ([1, 2, 3], [3, 2, 1], "too few points"),
-    ([1, 2, 3, 4], [3, 2, float("nan"), 1], "finite"),
-    ([0, 2, 3, 4], [3, 2, 1.5, 1], "> 0"),
-])
-def test_fit_rejects_bad_input(x, y, match):
-    with pytest.raises(ValueError, match=match):
-        fit_power_law(x, y)
 
 
 def _row(run_id, role, n, flops=1000.0, emb=1e6, dense=1e4, test=0.5, train=0.55, status="ok",
@@ -114,32 +75,99 @@ def test_results_with_failed_and_nan_rows_are_excluded_with_a_warning(tmp_path):
         {f"h{i}" for i in range(4)} | {f"v{i}" for i in range(4)}
 
 
-def test_fit_command_writes_tables_plots_and_flags_flat_curves(tmp_path):
+def _fit_args(path, **changes):
+    return Namespace(**{"results": str(path), "out": None, "metrics": ["test_ne", "train_ne"],
+                        "curves": None, "confidence": 0.95, "flat_tol": 0.005,
+                        "compute_envelope": False, **changes})
+
+
+def test_fit_command_writes_tables_plots_and_reports_curves_not_identified(tmp_path):
+    from lit.scaling.fit import ESTIMATES, plot
+
     path = tmp_path / "results.csv"
     _known_table(path)
-    args = Namespace(results=str(path), out=None, metrics=["test_ne", "train_ne"], curves=None,
-                     bootstrap=40, confidence=0.95, flat_tol=0.005, seed=0)
-    table = fit_command(args)
+    table = fit_command(_fit_args(path))
     by = {(r["metric"], r["curve"]): r for r in table}
-    assert by[("test_ne", "N")]["beta"] == pytest.approx(0.4, rel=0.01)
-    assert by[("train_ne", "N")]["beta"] == pytest.approx(0.5, rel=0.01)
-    assert by[("test_ne", "H")]["beta"] == pytest.approx(0.4, rel=0.01)
-    assert not by[("test_ne", "N")]["out_of_steam"] and not by[("test_ne", "H")]["out_of_steam"]
-    assert by[("test_ne", "V")]["out_of_steam"]
+    # exact laws: N and H recover their exponents; V is flat (noise only)
+    assert by[("test_ne", "N")]["beta"] == pytest.approx(0.4, rel=1e-6)
+    assert by[("train_ne", "N")]["beta"] == pytest.approx(0.5, rel=1e-6)
+    assert by[("test_ne", "H")]["beta"] == pytest.approx(0.4, rel=1e-6)
+    assert by[("test_ne", "N")]["identified"] and by[("test_ne", "N")]["out_of_steam"] == "no"
+    flat = by[("test_ne", "V")]
+    assert not flat["identified"] and flat["reason"].startswith("beta not identified (")
+    assert all(flat[k] is None for k in ESTIMATES)
+    assert flat["out_of_steam"] == "yes" and flat["drop_hi"] < 0.005
     out = tmp_path / "fit"
     assert (out / "test_ne.png").stat().st_size > 10_000 and (out / "train_ne.png").is_file()
-    assert "| test_ne | N |" in (out / "fits.md").read_text()
-    assert len(list(csv.DictReader(open(out / "fits.csv")))) == len(table)
+    with open(out / "fits.csv", newline="") as handle:
+        saved = {(r["metric"], r["curve"]): r for r in csv.DictReader(handle)}
+    assert len(saved) == len(table)
+    row = saved[("test_ne", "V")]
+    assert row["identified"] == "False" and row["reason"] == flat["reason"]
+    assert all(row[k] == "" for k in ESTIMATES) and float(row["drop_hi"]) == flat["drop_hi"]
+    assert saved[("test_ne", "N")]["identified"] == "True"
+    assert float(saved[("test_ne", "N")]["beta"]) == pytest.approx(0.4, rel=1e-6)
+    md = {line.split(" | ")[1]: line for line in (out / "fits.md").read_text().splitlines()
+          if line.startswith("| test_ne |")}
+    assert f"| not identified: {flat['reason']} | not identified | - |" in md["V"]
+    assert md["V"].endswith(f"| yes: {flat['out_of_steam_reason']} |")
+    assert "| 0.400 [0.400, 0.400] | 0.4500 [0.4500, 0.4500] |" in md["N"]
     assert list((out / "tb").glob("events.out.tfevents*"))
-    args.curves = ["M"]  # no M runs in this table: asked for explicitly, so an error
+    fits, _ = fit_table(load_results(path, ["test_ne"]), ["test_ne"], ["N", "V"])
+    labels = plot(fits, "test_ne", tmp_path / "p.png")
+    assert labels == {"N": "beta=0.400 [0.400, 0.400]", "V": f"not identified: {flat['reason']}"}
     with pytest.raises(ValueError, match="too few points: test_ne vs M: 1 point"):
-        fit_command(args)
+        fit_command(_fit_args(path, curves=["M"]))  # no M runs: asked for explicitly, an error
+
+
+def _compute_rows():
+    """Train FLOPs = 3 x forward x N: 3000, 6000, 9000, 12000 (two runs), 15000."""
+    return [_row("a", "N", 1000, flops=1, test=0.9), _row("b", "N", 2000, flops=1, test=0.8),
+            _row("c", "H", 1000, flops=3, test=0.85), _row("d", "M", 1000, flops=4, test=0.7),
+            _row("e", "O", 1000, flops=4, test=0.74), _row("f", "N", 5000, flops=1, test=0.72)]
+
+
+def test_compute_curve_keeps_every_run_unless_the_envelope_is_asked_for():
+    x, y = curve_points(_compute_rows(), "compute", "test_ne")
+    assert x.tolist() == [3000, 6000, 9000, 12000, 15000]
+    assert y.tolist() == pytest.approx([0.9, 0.8, 0.85, 0.72, 0.72])  # 12000: mean of 0.7, 0.74
+    x, y = curve_points(_compute_rows(), "compute", "test_ne", compute_envelope=True)
+    assert x.tolist() == [3000, 6000, 12000] and y.tolist() == [0.9, 0.8, 0.7]
+    from lit.scaling.__main__ import parse_args
+    from lit.scaling.fit import markdown
+
+    assert not parse_args(["fit", "r.csv"]).compute_envelope
+    assert parse_args(["fit", "r.csv", "--compute-envelope"]).compute_envelope
+    assert "compute: the lower envelope of all runs (--compute-envelope" in markdown(
+        [], 0.95, 0.005, [], False, compute_envelope=True)
+    assert "compute: every run" in markdown([], 0.95, 0.005, [], False)
+
+
+def test_the_envelope_biases_gamma_down_and_every_run_does_not():
+    """16 runs along a known compute law with 1% noise, 40 seeds: the envelope keeps the runs
+    that happened to land low, more of them at large compute, so its gamma sits below the truth;
+    the fit of every run is centred on it."""
+    x = np.geomspace(1e9, 1e11, 16)
+    alpha, beta, gamma = 0.2 * 1e9 ** 0.4, 0.4, 0.8
+    every, envelope = [], []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        y = law(x, alpha, beta, gamma) * (1 + 0.01 * rng.standard_normal(16))
+        rows = [_row(f"r{i}", "N", 1000, flops=xi / 3000, test=float(yi))
+                for i, (xi, yi) in enumerate(zip(x, y))]
+        for keep, out in ((False, every), (True, envelope)):
+            fits, _ = fit_table(rows, ["test_ne"], ["compute"], compute_envelope=keep)
+            out.append(fits[("test_ne", "compute")].gamma)
+    se = np.std(every) / np.sqrt(40)
+    assert abs(np.mean(every) - gamma) < 3 * se
+    assert np.mean(envelope) < gamma - 3 * se
 
 
 def _exact(alpha, beta, gamma, x):
     boot = np.tile([alpha, beta, gamma], (50, 1)).astype(float)
     return PowerLawFit(alpha, beta, gamma, np.asarray(x, float), law(np.asarray(x, float),
-                       alpha, beta, gamma), 0.0, 0.95, boot)
+                       alpha, beta, gamma), 0.0, 0.95, (beta, beta), (gamma, gamma), 0.0,
+                       (0.0, 0.0), True, "", boot)
 
 
 def test_allocation_matches_the_hand_calculation():
@@ -158,6 +186,35 @@ def test_allocation_matches_the_hand_calculation():
     # a knob that costs no FLOPs: the largest size allowed wins
     free = allocate(C, data_law, knob_law, 1e4, lambda x: 1e3, (1e3, 1e7), "V")
     assert free.x == pytest.approx(1e7, rel=1e-6)
+
+
+def _allocate_args(path):
+    return Namespace(results=str(path), compute=1e10, metric="test_ne", extrapolate=1.0,
+                     bootstrap=30, confidence=0.95, seed=0, out=None)
+
+
+def test_allocate_skips_knob_laws_that_are_not_identified(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    _known_table(path)
+    rng = np.random.default_rng(2)
+    for i, d in enumerate([2.5e3, 5e3, 2e4, 4e4]):  # M: flat, noise only
+        append_row(path, _row(f"m{i}", "M", 100000, dense=d, flops=1000 * d / 1e4,
+                              test=float(law(100) + 0.001 * rng.standard_normal())))
+    allocations = allocate_command(_allocate_args(path))
+    text = capsys.readouterr().out
+    knob_fit = fit_power_law(*curve_points(load_results(path, ["test_ne"]), "M", "test_ne"))
+    assert not knob_fit.identified
+    assert [a.strategy for a in allocations] == ["data", "H"]
+    assert f"M (not identified: {knob_fit.reason})" in text and "O (too few points: 1)" in text
+    assert "V (not identified: " in text
+
+
+def test_allocate_refuses_a_data_law_that_is_not_identified(tmp_path):
+    path = tmp_path / "results.csv"
+    for i, n in enumerate([2.5e4, 5e4, 1e5, 2e5, 4e5]):
+        append_row(path, _row(f"n{i}", "baseline" if n == 1e5 else "N", int(n), test=0.5))
+    with pytest.raises(SystemExit, match=r"the data law \(test_ne vs N\) is not identified \(beta"):
+        allocate_command(_allocate_args(path))
 
 
 def test_loglog_interp_is_exact_on_power_laws():
