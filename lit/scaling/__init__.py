@@ -1,6 +1,7 @@
 """Scaling laws for recommendation models (Ardalani et al., "Understanding Scaling Laws for
 Recommendation Models", arXiv 2208.08489): sweep a grid of DLRM runs, fit
-``L(x) = alpha * x^(-beta) + gamma`` per curve with bootstrap confidence intervals, and split a
+``L(x) = alpha * x^(-beta) + gamma`` per curve with profile-likelihood confidence intervals (a
+curve the data cannot pin down is reported "not identified"), and split a
 compute budget between data and model size.
 
     python -m lit.scaling sweep --config configs/dlrm/scaling_synthetic.yaml
