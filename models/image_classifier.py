@@ -215,7 +215,7 @@ class ImageClassifier(ClassifierModule):
         self._compile_summary: str | None = None  # logged, and the cache set up, at the first forward
         self._compile_cache = (compile_backend == "inductor", compile_cache_dir)
         if self.compiled:
-            what = compiled_scope(net, compile_scope)  # before compile_backbone changes the blocks
+            what = compiled_scope(net, compile_scope, compile)  # before compile_backbone changes the blocks
             compile_backbone(net, compile, compile_backend, compile_dynamic, compile_scope)
             mode = compile if compile is not True else "default"
             self._compile_summary = f"torch.compile ({compile_backend}, mode {mode}, scope {compile_scope!r}): {what}"

@@ -137,6 +137,24 @@ def test_share_drop_paths_replaces_droppath_and_its_identity_stand_in() -> None:
     assert share_drop_paths(list(plain.blocks)) == 0
 
 
+def test_cuda_graph_modes_compile_the_whole_backbone(caplog) -> None:
+    """reduce-overhead under compile_scope="blocks": one CUDA graph per block fails (the one
+    compiled block runs depth times a step and overwrites its graph outputs before backward),
+    so the whole backbone is compiled and the log says why; other modes compile the blocks."""
+    graphed = ImageClassifier(DEIT, in_chans=1, compile="reduce-overhead", compile_scope="blocks",
+                              compile_backend="eager")
+    net = graphed.backbone
+    assert net._compiled_call_impl is not None
+    assert all(block._compiled_call_impl is None for block in net.blocks)
+    with caplog.at_level("INFO"):
+        graphed.prepare_compile()
+    assert "the whole backbone (mode 'reduce-overhead' captures CUDA graphs" in caplog.text
+    plain = ImageClassifier(DEIT, in_chans=1, compile=True, compile_scope="blocks",
+                            compile_backend="eager").backbone
+    assert plain._compiled_call_impl is None
+    assert all(block._compiled_call_impl is not None for block in plain.blocks)
+
+
 def test_compile_cache_dir_is_used_and_logged(tmp_path, monkeypatch, caplog) -> None:
     """The option points inductor's caches at the directory (process-wide) and says so."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored afterwards
