@@ -26,17 +26,31 @@ Where the paper is silent, or where we chose:
   of all outlier columns stay 16-bit, which is what matters: they would otherwise set every
   token's int8 scale.
 * **Two modes.** ``outliers="dynamic"`` (the default, the paper): every column of every call
-  is checked; finding them (``nonzero``) makes the GPU report a count to the host, which stops
-  CUDA-graph capture and costs a sync per layer. ``outliers="calibrated"``: only the kept
-  ``fp16_dims`` can leave the int8 part; each of them does on the calls where it reaches the
-  threshold. Shapes are fixed (CUDA graphs, ``torch.compile``) and there are far fewer kernels,
-  but an outlier column outside the calibrated set stays in the int8 part (its row scales grow,
-  as in plain int8). The paper's finding that outlier dimensions are systematic is what makes
-  this mode accurate; compare both with :class:`callbacks.Int8Eval`.
-* **Zero rows / all-outlier inputs.** A row whose non-outlier part is all zeros gets scale 1
-  (its int8 codes are 0), so nothing divides by zero; an input whose every column is an outlier
-  is computed entirely in 16-bit.
+  is checked. ``outliers="calibrated"``: only the kept ``fp16_dims`` can leave the int8 part;
+  each of them does on the calls where it reaches the threshold. An outlier column outside the
+  calibrated set then stays in the int8 part (its row scales grow, as in plain int8). The
+  paper's finding that outlier dimensions are systematic is what makes this mode accurate;
+  compare both with :class:`callbacks.Int8Eval`. On CUDA both modes run the same fused kernels
+  (below) and differ only in which columns are read when looking for outliers.
+* **Zero rows / all-outlier inputs.** A row whose non-outlier part is all zeros gets scale 0
+  and int8 codes 0, so nothing divides by zero; an input whose every column is an outlier is
+  computed entirely in 16-bit.
 * **Scales** are float32 and the int8 part is dequantized in float32 before the sum.
+* **Inputs read by several layers.** :func:`quantize_model` fuses the query, key and value
+  projections of a BERT-style ``*SelfAttention`` module into one ``(3 O, H)`` :class:`Int8Linear`
+  (one quantization of the shared hidden state, one wider GEMM); each original name becomes an
+  :class:`Int8LinearSlice` of it. The fused layer keeps the union of the three ``fp16_dims``
+  (the same set when calibrated on the shared input; otherwise more columns stay 16-bit).
+
+**Execution.** On CUDA (``FUSED = True``, the default) :class:`Int8Linear` runs the fused Triton
+path of :mod:`models.int8_triton`: a zero fill and three kernels per call (column maxima;
+outlier-column lists + row quantization; an int8 GEMM whose epilogue dequantizes, adds both
+16-bit outlier parts and the bias), with no host synchronisation and no data-dependent shape,
+in both modes: eager, CUDA graphs and ``torch.compile`` give the paper's result whatever
+columns are outliers on a call. ``FUSED = False`` (and any CPU tensor) runs the plain PyTorch
+ops below, the reference: there ``dynamic`` mode finds the columns with ``nonzero`` (a host
+sync; eager only). ``GEMM`` picks the fused path's int8 GEMM: ``"auto"`` (fastest per shape,
+timed once), ``"triton"`` or ``"int_mm"`` (``torch._int_mm`` + a fused dequantize kernel).
 
 Shapes: ``S`` tokens (all leading dimensions flattened), ``H`` input features, ``O`` output
 features, ``K`` outlier columns, ``D`` kept 16-bit columns.
@@ -45,6 +59,7 @@ features, ``K`` outlier columns, ``D`` kept 16-bit columns.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,18 +69,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_INCLUDE", "check_threshold", "absmax_quantize", "int8_mm",
-           "int8_matmul_decomposed", "Int8Linear", "Int8Report", "quantize_model",
-           "int8_refusal", "OutlierCounter", "weight_bytes"]
+__all__ = ["DEFAULT_INCLUDE", "check_threshold", "absmax_quantize", "int8_mm", "kept_slots",
+           "int8_matmul_decomposed", "Int8Linear", "Int8LinearGroup", "Int8LinearSlice", "Int8Report",
+           "quantize_model", "int8_refusal", "OutlierCounter", "weight_bytes"]
 
 # Every nn.Linear inside a BERT encoder layer (Q, K, V, attention output, FFN in and out); the
 # pooler and the classifier stay 16-bit (as the paper keeps embeddings and the head).
 DEFAULT_INCLUDE = r"encoder\.layer\.\d+\."
 Q = 127.0  # int8 codes span [-127, 127] (symmetric; -128 unused)
-# On CUDA, quantize and dequantize with the fused Triton kernels of models.int8_triton; False
-# runs the plain PyTorch ops there too (benchmarks compare both).
+# On CUDA, run the fused Triton path of models.int8_triton; False runs the plain PyTorch ops
+# there too (the reference; benchmarks compare both).
 FUSED = True
+# The fused path's int8 GEMM: "auto" (fastest per shape), "triton" or "int_mm".
+GEMM = "auto"
+# TRITON_INTERPRET=1 (set before Triton is imported): the fused path runs on CPU tensors too,
+# through Triton's interpreter (tests of the kernels without a GPU).
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 OUTLIER_MODES = ("dynamic", "calibrated")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_threshold(threshold: float, field: str = "threshold") -> float:
@@ -121,6 +142,13 @@ def int8_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out[:s, :o] if (ps, po) != (s, o) else out
 
 
+def kept_slots(fp16_dims: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``(H,)`` int32: the position of each input dimension in ``fp16_dims``, -1 where not kept."""
+    slot = torch.full((in_features,), -1, dtype=torch.int32, device=fp16_dims.device)
+    slot[fp16_dims] = torch.arange(fp16_dims.numel(), dtype=torch.int32, device=fp16_dims.device)
+    return slot
+
+
 def int8_matmul_decomposed(
     x: torch.Tensor,
     weight_int8: torch.Tensor,
@@ -130,6 +158,7 @@ def int8_matmul_decomposed(
     fp16_columns: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     outliers: str = "dynamic",
+    kept_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The LLM.int8() product ``x @ W.T + bias`` (see the module docstring for the equations).
 
@@ -141,12 +170,31 @@ def int8_matmul_decomposed(
         fp16_dims: ``(D,)`` distinct input dimensions whose original 16-bit weight columns are given.
         fp16_columns: ``(O, D)`` those columns, ``W[:, fp16_dims]``.
         bias: ``(O,)`` or ``None``.
-        outliers: ``"dynamic"`` (every column checked, eager) or ``"calibrated"`` (only
-            ``fp16_dims`` checked; fixed shapes).
+        outliers: ``"dynamic"`` (every column checked) or ``"calibrated"`` (only ``fp16_dims``).
+        kept_slot: ``(H,)`` :func:`kept_slots` of ``fp16_dims`` (the fused path; built if not given).
     """
     lead, h = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, h)  # (S, H)
     o = weight_int8.shape[0]
+    if FUSED and (x.is_cuda or TRITON_ON_CPU) and x.dtype in FUSED_DTYPES:
+        from models import int8_triton
+
+        dims = fp16_dims if fp16_dims is not None else torch.zeros(0, dtype=torch.long, device=x.device)
+        cols = fp16_columns if fp16_dims is not None else x.new_zeros(o, 0)
+        slot = kept_slot if kept_slot is not None else kept_slots(dims, h)
+        out = int8_triton.int8_linear(x2, weight_int8, weight_absmax, slot, dims, cols, bias, threshold,
+                                      outliers == "calibrated", GEMM)
+        return out.reshape(*lead, o)
+    return _decomposed_reference(x2, weight_int8, weight_absmax, threshold, fp16_dims, fp16_columns, bias,
+                                 outliers).reshape(*lead, o)
+
+
+def _decomposed_reference(x2: torch.Tensor, weight_int8: torch.Tensor, weight_absmax: torch.Tensor,
+                          threshold: float, fp16_dims: torch.Tensor | None, fp16_columns: torch.Tensor | None,
+                          bias: torch.Tensor | None, outliers: str) -> torch.Tensor:
+    """The plain PyTorch ops of :func:`int8_matmul_decomposed` on ``(S, H)`` activations."""
+    x = x2
+    h = x2.shape[1]
     w_scale = weight_absmax.float() / (Q * Q)  # (O,)
     has_kept = fp16_dims is not None and fp16_dims.numel() > 0
     idx = hit = taken = None
@@ -163,13 +211,7 @@ def int8_matmul_decomposed(
         if idx is not None:  # the columns handled in 16-bit are zeroed in the int8 part
             mark = torch.ones_like(idx, dtype=torch.bool) if hit is None else hit
             taken = torch.zeros(h, dtype=torch.bool, device=x.device).scatter(0, idx, mark)
-    fused = FUSED and x.is_cuda
-    if fused:
-        from models import int8_triton
-
-        q, cx = int8_triton.quantize_rows(x2, taken)
-    else:
-        q, cx = absmax_quantize(x2 if taken is None else x2.masked_fill(taken, 0))  # (S, H), (S,)
+    q, cx = absmax_quantize(x2 if taken is None else x2.masked_fill(taken, 0))  # (S, H), (S,)
     acc = int8_mm(q, weight_int8)  # (S, O) int32
     y16 = None
     if hit is not None:  # calibrated: the kept columns that are outliers in this call
@@ -184,22 +226,20 @@ def int8_matmul_decomposed(
             kept = fp16_columns[:, s.clamp(min=0)].to(x.dtype)  # (O, K)
             w_o = torch.where((s >= 0)[None, :], kept, w_o)
         y16 = x_o @ w_o.t()  # (S, O) in the activations' dtype
-    if fused:
-        out = int8_triton.dequantize(acc, cx, w_scale, y16, bias, x.dtype)
-    else:
-        y = acc.float() * (cx[:, None] * w_scale[None, :])  # (S, O) float32
-        if y16 is not None:
-            y = y + y16.float()
-        if bias is not None:
-            y = y + bias.float()
-        out = y.to(x.dtype)
-    return out.reshape(*lead, o)
+    y = acc.float() * (cx[:, None] * w_scale[None, :])  # (S, O) float32
+    if y16 is not None:
+        y = y + y16.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def int8_refusal(module: nn.Module) -> str | None:
     """Why ``module`` cannot become an :class:`Int8Linear`, or ``None`` if it can."""
     if isinstance(module, Int8Linear):
         return "is already an Int8Linear"
+    if isinstance(module, Int8LinearSlice):
+        return "is already an Int8Linear (a slice of a fused one)"
     if not isinstance(module, nn.Linear):
         return (f"is a {type(module).__name__}, not an nn.Linear; only nn.Linear layers are "
                 f"converted (exclude it, or narrow include)")
@@ -214,12 +254,18 @@ def int8_refusal(module: nn.Module) -> str | None:
     return None
 
 
+def _refresh_after_load(module: Int8Linear, incompatible_keys: object) -> None:
+    module.refresh()  # a module-level function, so that a pickled model keeps its hook
+
+
 class Int8Linear(nn.Module):
     """An ``nn.Linear`` computed with LLM.int8() (see the module docstring).
 
     Buffers (the state dict): ``weight_int8`` ``(O, H)`` int8, ``weight_absmax`` ``(O,)``
     float32, ``fp16_dims`` ``(D,)`` int64 and ``fp16_columns`` ``(O, D)`` in the original dtype,
-    and ``bias``. Build one with :meth:`from_linear`.
+    and ``bias``; not saved: ``kept_slot`` ``(H,)`` int32 (:func:`kept_slots` of ``fp16_dims``,
+    rebuilt by :meth:`from_linear`, ``load_state_dict`` and :meth:`refresh`). Build one with
+    :meth:`from_linear`. On CUDA the forward is the fused Triton path (module docstring).
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -245,6 +291,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("fp16_dims", torch.zeros(num_fp16_dims, dtype=torch.long, device=device))
         self.register_buffer("fp16_columns", torch.zeros(out_features, num_fp16_dims, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("kept_slot", torch.full((in_features,), -1, dtype=torch.int32, device=device),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def refresh(self) -> None:
+        """Rebuild ``kept_slot`` from ``fp16_dims`` (after changing the buffers by hand)."""
+        self.kept_slot = kept_slots(self.fp16_dims, self.in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0,
@@ -268,6 +321,7 @@ class Int8Linear(nn.Module):
         layer.fp16_columns.copy_(w[:, dims])
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
+        layer.refresh()
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -278,12 +332,83 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul_decomposed(x, self.weight_int8, self.weight_absmax, self.threshold,
-                                      self.fp16_dims, self.fp16_columns, self.bias, self.outliers)
+                                      self.fp16_dims, self.fp16_columns, self.bias, self.outliers, self.kept_slot)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, threshold={self.threshold}, "
                 f"fp16_dims={self.fp16_dims.numel()}, outliers={self.outliers!r}")
+
+
+def _version(x: torch.Tensor) -> int | None:
+    # Inference tensors have no version counter; compiled code is traced once, not re-checked.
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
+
+
+class Int8LinearGroup:
+    """Several Linear layers that read the same input, computed as ONE :class:`Int8Linear`.
+
+    The fused layer's output rows are the layers' weights stacked (``sizes`` each). A call of
+    part ``p`` with input ``x`` computes every part, returns part ``p`` and keeps the others for
+    the next calls with the same ``x`` (the same tensor object, unmodified): BERT's query, key
+    and value then cost one quantization and one GEMM. A call with another input, or a second
+    call of a part, recomputes, so the result never depends on the call order.
+    """
+
+    def __init__(self, fused: Int8Linear, sizes: Sequence[int]) -> None:
+        if sum(sizes) != fused.out_features:
+            raise ValueError(f"sizes: must add up to the fused layer's {fused.out_features} outputs, got {sizes!r}")
+        self.fused, self.sizes = fused, tuple(int(n) for n in sizes)
+        self._kept: tuple | None = None  # (input, its version, {part: output})
+
+    def output(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        kept = self._kept
+        if kept is not None and kept[0] is x and part in kept[2] and kept[1] == _version(x):
+            y = kept[2].pop(part)
+            if not kept[2]:
+                self._kept = None
+            return y
+        parts = self.fused(x).split(self.sizes, dim=-1)
+        rest = {i: p for i, p in enumerate(parts) if i != part}
+        self._kept = (x, _version(x), rest) if rest else None
+        return parts[part]
+
+
+class Int8LinearSlice(nn.Module):
+    """Part ``part`` of an :class:`Int8LinearGroup`, in place of one of the fused layers.
+
+    Part 0 holds the fused :class:`Int8Linear` as its submodule ``fused`` (state dict, ``.to()``);
+    the other parts refer to it without registering it, so it is saved and counted once.
+    """
+
+    def __init__(self, group: Int8LinearGroup, part: int) -> None:
+        super().__init__()
+        if not 0 <= part < len(group.sizes):
+            raise ValueError(f"part: must be in [0, {len(group.sizes)}), got {part!r}")
+        self._group, self.part = group, part
+        if part == 0:
+            self.fused = group.fused
+
+    @property
+    def layer(self) -> Int8Linear:
+        """The fused layer this slice reads."""
+        return self._group.fused
+
+    @property
+    def in_features(self) -> int:
+        return self._group.fused.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._group.sizes[self.part]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output(x, self.part)
+
+    def extra_repr(self) -> str:
+        return f"part={self.part} of {len(self._group.sizes)}, out_features={self.out_features}"
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -293,24 +418,27 @@ def weight_bytes(module: nn.Module) -> int:
 
 @dataclass
 class Int8Report:
-    """What :func:`quantize_model` did: converted layer names, skipped ones with the reason,
-    and the bytes of the converted layers before and after."""
+    """What :func:`quantize_model` did: converted layer names (the original ones, fused or
+    not), skipped ones with the reason, the bytes of the converted layers before and after, and
+    the groups of names fused into one layer."""
 
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
+    fused: list[list[str]] = field(default_factory=list)  # names computed as one Int8Linear
 
     def __str__(self) -> str:
         lines = [f"int8: converted {len(self.converted)} Linear layers, {self.bytes_before / 2**20:.2f} MiB "
-                 f"-> {self.bytes_after / 2**20:.2f} MiB"]
+                 f"-> {self.bytes_after / 2**20:.2f} MiB"
+                 + (f" (query/key/value fused in {len(self.fused)} attention blocks)" if self.fused else "")]
         lines += [f"int8: skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
 def quantize_model(model: nn.Module, threshold: float = 6.0, include: Iterable[str] = (DEFAULT_INCLUDE,),
                    exclude: Iterable[str] = (), fp16_dims: dict[str, Sequence[int] | torch.Tensor] | None = None,
-                   outliers: Literal["dynamic", "calibrated"] = "dynamic") -> Int8Report:
+                   outliers: Literal["dynamic", "calibrated"] = "dynamic", fuse_qkv: bool = True) -> Int8Report:
     """Replace the selected ``nn.Linear`` layers of ``model`` by :class:`Int8Linear`, in place.
 
     Selection: leaf modules whose name (``model.named_modules()``) matches an ``include`` regex
@@ -325,6 +453,10 @@ def quantize_model(model: nn.Module, threshold: float = 6.0, include: Iterable[s
             (e.g. ``OutlierCounter.outlier_dims()`` on calibration data); default none.
         outliers: ``"dynamic"`` or ``"calibrated"`` for every converted layer (see the module
             docstring).
+        fuse_qkv: when ``query``, ``key`` and ``value`` of a ``*SelfAttention`` module are all
+            selected (same input width, dtype, device), convert them into one fused
+            :class:`Int8Linear` (union of their ``fp16_dims``) and put an
+            :class:`Int8LinearSlice` under each name; the report still lists the three names.
     """
     threshold = check_threshold(threshold)
     inc, exc = [re.compile(p) for p in include], [re.compile(p) for p in exclude]
@@ -339,8 +471,8 @@ def quantize_model(model: nn.Module, threshold: float = 6.0, include: Iterable[s
         why = int8_refusal(module)
         if why is None:
             chosen[name] = module
-        elif isinstance(module, (nn.Linear, Int8Linear)):
-            if isinstance(module, Int8Linear):
+        elif isinstance(module, (nn.Linear, Int8Linear, Int8LinearSlice)):
+            if not isinstance(module, nn.Linear):
                 report.skipped[name] = why
             else:
                 refusals[name] = why
@@ -355,13 +487,55 @@ def quantize_model(model: nn.Module, threshold: float = 6.0, include: Iterable[s
     unknown = sorted(set(dims) - set(chosen))
     if unknown:
         raise ValueError(f"fp16_dims: names that are not converted layers: {unknown[:5]!r}")
+    groups = {names[0]: names for names in _qkv_groups(model, chosen)} if fuse_qkv else {}
+    grouped = {name for names in groups.values() for name in names}
     for name, linear in chosen.items():
-        layer = Int8Linear.from_linear(linear, threshold, dims.get(name, ()), outliers)
-        report.bytes_before += weight_bytes(linear)
-        report.bytes_after += weight_bytes(layer)
-        model.set_submodule(name, layer)
-        report.converted.append(name)
+        if name in groups:
+            _convert_group(model, [chosen[n] for n in groups[name]], groups[name], threshold, dims, outliers, report)
+        elif name not in grouped:
+            layer = Int8Linear.from_linear(linear, threshold, dims.get(name, ()), outliers)
+            report.bytes_before += weight_bytes(linear)
+            report.bytes_after += weight_bytes(layer)
+            model.set_submodule(name, layer)
+            report.converted.append(name)
     return report
+
+
+def _qkv_groups(model: nn.Module, chosen: dict[str, nn.Linear]) -> list[list[str]]:
+    """``[query, key, value]`` names of each ``*SelfAttention`` module whose three are chosen."""
+    groups = []
+    for name, module in model.named_modules():
+        if not type(module).__name__.endswith("SelfAttention"):
+            continue
+        names = [f"{name}.{part}" if name else part for part in ("query", "key", "value")]
+        if not all(n in chosen for n in names):
+            continue
+        first = chosen[names[0]].weight
+        if all(chosen[n].in_features == first.shape[1] and chosen[n].weight.dtype == first.dtype
+               and chosen[n].weight.device == first.device for n in names):
+            groups.append(names)
+    return groups
+
+
+def _convert_group(model: nn.Module, linears: list[nn.Linear], names: list[str], threshold: float,
+                   dims: dict, outliers: str, report: Int8Report) -> None:
+    """One Int8Linear for ``linears`` (stacked output rows), a slice of it under each name."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum O, H)
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if any(lin.bias is not None for lin in linears):
+        stacked.bias = nn.Parameter(torch.cat([lin.bias.detach() if lin.bias is not None else
+                                               weight.new_zeros(lin.out_features) for lin in linears]),
+                                    requires_grad=False)
+    union = sorted({int(d) for n in names for d in torch.as_tensor(dims.get(n, ()), dtype=torch.long).flatten()})
+    layer = Int8Linear.from_linear(stacked, threshold, union, outliers)
+    group = Int8LinearGroup(layer, [lin.out_features for lin in linears])
+    for part, (name, linear) in enumerate(zip(names, linears)):
+        report.bytes_before += weight_bytes(linear)
+        model.set_submodule(name, Int8LinearSlice(group, part))
+        report.converted.append(name)
+    report.bytes_after += weight_bytes(layer)
+    report.fused.append(list(names))
 
 
 class OutlierCounter:

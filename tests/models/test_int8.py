@@ -1,4 +1,9 @@
-"""LLM.int8() layer: against a float64 re-derivation of the paper's decomposition."""
+"""LLM.int8() layer: against a float64 re-derivation of the paper's decomposition.
+
+CPU tests run the plain PyTorch path (the reference); the fused Triton kernels are checked on
+the CPU by ``test_int8_interpreted.py`` (Triton's interpreter) and on a GPU by the ``gpu`` tests
+here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.int8 import Int8Linear, OutlierCounter, absmax_quantize, int8_matmul_decomposed, quantize_model, weight_bytes
+from models.int8 import (Int8Linear, Int8LinearSlice, OutlierCounter, absmax_quantize, int8_matmul_decomposed,
+                         kept_slots, quantize_model, weight_bytes)
 
 
 def planted(s: int = 37, h: int = 64, cols: tuple[int, ...] = (3, 17, 40), seed: int = 0) -> torch.Tensor:
@@ -22,12 +28,16 @@ def planted(s: int = 37, h: int = 64, cols: tuple[int, ...] = (3, 17, 40), seed:
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, alpha: float,
-              w16_cols: set[int] | None = None, candidates: set[int] | None = None) -> torch.Tensor:
+              w16_cols: set[int] | None = None, candidates: set[int] | None = None,
+              fp32_codes: bool = False) -> torch.Tensor:
     """The paper's equations in float64, written out independently of models.int8.
 
     Outlier columns whose index is not in ``w16_cols`` use the dequantized int8 weight column
     (``None``: every outlier column has its 16-bit weight); only ``candidates`` (``None``: all
-    columns) can be outlier columns.
+    columns) can be outlier columns. ``fp32_codes``: evaluate ``v * (127 / c)`` before rounding
+    in float32 as torch does (``fl(fl(1 / c) * 127)``, then the product), the rule models.int8
+    documents: its codes then match exactly (in float64 a near-.5 product can round the other
+    way, moving a whole row by a code step).
     """
     x, w = x.double(), w.double()
     outl = [j for j in range(x.shape[1])
@@ -36,8 +46,14 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, alpha: f
     rest[:, outl] = 0
     cx = rest.abs().max(dim=1).values  # (S,)
     cw = w.abs().max(dim=1).values  # (O,)
-    xq = torch.round(127 * rest / torch.where(cx > 0, cx, 1)[:, None])
-    wq = torch.round(127 * w / cw[:, None])
+
+    def codes(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if fp32_codes:
+            inv = torch.where(c > 0, torch.reciprocal(torch.where(c > 0, c, 1).float()) * 127, 0)
+            return torch.round(v.float() * inv[:, None]).double()
+        return torch.round(127 * v / torch.where(c > 0, c, 1)[:, None])
+
+    xq, wq = codes(rest, cx), codes(w, cw)
     y = (xq @ wq.T) * cx[:, None] * cw[None, :] / 127**2
     for j in outl:
         col = w[:, j] if w16_cols is None or j in w16_cols else wq[:, j] * cw / 127
@@ -139,6 +155,7 @@ def test_state_dict_is_about_half_the_16bit_bytes():
     assert weight_bytes(layer) == 768 * 768 + 768 * 4 + 768 * 8 * 2 + 8 * 8 + 768 * 2
     restored = Int8Linear(768, 768, num_fp16_dims=8)
     restored.load_state_dict(layer.state_dict())
+    assert restored.kept_slot[:8].tolist() == list(range(8)) and (restored.kept_slot[8:] == -1).all()
     x = torch.randn(5, 768)
     torch.testing.assert_close(restored(x.half()), layer(x.half()))
 
@@ -162,7 +179,9 @@ def test_quantize_model_inside_bert_keeps_the_logits():
         out = net(input_ids=ids).logits
         hidden_q = net.bert(input_ids=ids).last_hidden_state
     assert len(report.converted) == 12  # Q, K, V, attention out, FFN in, FFN out x 2 layers
-    assert all(isinstance(net.get_submodule(n), Int8Linear) for n in report.converted)
+    assert all(isinstance(net.get_submodule(n), (Int8Linear, Int8LinearSlice)) for n in report.converted)
+    assert report.fused == [[f"bert.encoder.layer.{i}.attention.self.{p}" for p in ("query", "key", "value")]
+                            for i in range(2)]
     assert isinstance(net.classifier, nn.Linear) and isinstance(net.bert.pooler.dense, nn.Linear)
     assert 0.25 < report.bytes_after / report.bytes_before < 0.3  # fp32 -> int8 + scales
     # int8 noise is ~1% of the hidden state's scale; the logits follow.
@@ -234,11 +253,222 @@ def test_int8_matmul_decomposed_on_an_empty_batch():
     assert out.shape == (2, 0, 24)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def bert_layer_names(net: nn.Module) -> list[str]:
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and ".encoder.layer." in f".{n}"]
+
+
+def test_fused_qkv_equals_three_separate_int8_layers():
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+    dims = {n: [5, 9] for n in bert_layer_names(tiny_bert())}
+    outs = []
+    for fuse in (False, True):
+        net = tiny_bert()
+        with torch.no_grad():
+            net.bert.encoder.layer[0].attention.output.LayerNorm.weight[[5, 9]] = 30.0  # outliers in layer 1
+            report = quantize_model(net, 6.0, fp16_dims=dims, fuse_qkv=fuse)
+            outs.append(net.bert(input_ids=ids).last_hidden_state)
+        assert len(report.converted) == 12 and len(report.fused) == (2 if fuse else 0)
+    # Row-wise weight scales are per output row, so stacking Q, K, V changes no code or scale.
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    query = net.get_submodule("bert.encoder.layer.1.attention.self.query")
+    assert query.layer.fp16_dims.tolist() == [5, 9] and query.layer.out_features == 3 * 64
+
+
+def test_fused_qkv_keeps_the_names_the_union_of_fp16_dims_and_one_copy():
+    net = tiny_bert()
+    prefix = "bert.encoder.layer.0.attention.self."
+    before = sum(weight_bytes(net.get_submodule(prefix + p)) for p in ("query", "key", "value"))
+    quantize_model(net, 6.0, fp16_dims={prefix + "query": [3], prefix + "key": [7, 3], prefix + "value": []})
+    attn = net.get_submodule(prefix[:-1])
+    assert attn.query.layer is attn.key.layer is attn.value.layer
+    assert attn.query.layer.fp16_dims.tolist() == [3, 7]  # union: kept for all three
+    assert [attn.query.out_features, attn.key.out_features, attn.value.in_features] == [64, 64, 64]
+    assert attn.key.state_dict() == {} and set(attn.query.state_dict()) == {
+        f"fused.{k}" for k in ("weight_int8", "weight_absmax", "fp16_dims", "fp16_columns", "bias")}
+    fused_bytes = 192 * 64 + 192 * 4 + 192 * 2 * 4 + 2 * 8 + 192 * 4  # codes, scales, 2 fp32 columns, dims, bias
+    assert weight_bytes(attn) == fused_bytes and before == 3 * (64 * 64 + 64) * 4  # counted once; fp32 Q, K, V
+    again = quantize_model(net, 6.0, include=[r"layer\.0\.attention\.self\.key"])
+    assert again.converted == [] and "already" in again.skipped[prefix + "key"]
+
+
+def test_fused_qkv_recomputes_out_of_order_and_after_in_place_changes():
+    net = tiny_bert()
+    attn = net.bert.encoder.layer[0].attention.self
+    separate = {p: Int8Linear.from_linear(getattr(attn, p), 6.0) for p in ("query", "key", "value")}
+    quantize_model(net, 6.0)
+    x, other = planted(s=10, h=64), planted(s=10, h=64, seed=3)
+    with torch.no_grad():
+        got = {"value": attn.value(x), "query": attn.query(x)}  # any order: value first
+        got["key"] = attn.key(other)  # another input: computed for it
+        x.mul_(2)  # changed in place: what was kept for the old values is not used
+        got["late query"] = attn.query(x)
+        for part, inp in (("value", x / 2), ("query", x / 2), ("key", other), ("late query", x)):
+            torch.testing.assert_close(got[part], separate[part.split()[-1]](inp), rtol=0, atol=1e-5)
+
+
+def test_converted_layers_weigh_at_most_055_of_bf16():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=3072)
+    net = BertModel(cfg, add_pooling_layer=False).to(torch.bfloat16).eval()
+    names = bert_layer_names(net)
+    report = quantize_model(net, 6.0, fp16_dims={n: range(0, 768, 96) for n in names})  # 8 kept columns each
+    assert report.bytes_after / report.bytes_before <= 0.55
+    # All that the converted layers hold, the unsaved kept_slot included:
+    layers = {id(m): m for m in net.modules() if isinstance(m, Int8Linear)}.values()
+    held = sum(t.numel() * t.element_size() for m in layers for t in m.buffers())
+    assert 0.5 < held / report.bytes_before <= 0.55, held / report.bytes_before
+
+
+def test_kept_slots_give_each_kept_dimension_its_position():
+    slot = kept_slots(torch.tensor([4, 1, 6]), 8)
+    assert slot.tolist() == [-1, 1, -1, -1, 0, -1, 2, -1] and slot.dtype == torch.int32
+
+
+# -------------------------------------------------------------------------------------------- GPU
+
+
+def on_gpu(test):
+    """``gpu`` marker (``-m gpu``), a skip without CUDA, and the untimed GEMM choice."""
+    test = pytest.mark.usefixtures("untimed_gemm")(test)
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+@pytest.fixture
+def untimed_gemm(monkeypatch):
+    """The shape heuristic instead of timing every GEMM variant: fewer Triton compilations."""
+    from models import int8_triton
+
+    monkeypatch.setattr(int8_triton, "AUTOTUNE", False)
+
+
+def close_on_gpu(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal to the re-derivation (float32 codes) up to the output dtype's rounding and float32
+    accumulation."""
+    ref = ref.to(out.device)
+    eps = torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out.double(), ref, rtol=eps, atol=1e-5 * float(ref.abs().max()) + 1e-6)
+
+
+OUTLIER_COLS = (3, 17, 40) + tuple(range(50, 64 * 12, 37))[:20]  # 23: two chunks of the epilogue
+
+
+def check_fused_path(dtype: torch.dtype, mode: str, shapes: list[tuple[int, int, int]]) -> None:
+    for s, h, o in shapes:
+        cols = tuple(c for c in OUTLIER_COLS if c < h)
+        kept = cols[::2]
+        x, lin = planted(s=s, h=h, cols=cols), linear(h, o)
+        x16, lin16 = x.to(dtype), lin.to(dtype)
+        layer = Int8Linear.from_linear(lin16, 6.0, fp16_dims=kept, outliers=mode).cuda()
+        out = layer(x16.cuda())
+        assert out.dtype == dtype and out.shape == (s, o)
+        ref = reference(x16.float(), lin16.weight.float(), lin16.bias.float(), 6.0, w16_cols=set(kept),
+                        candidates=set(kept) if mode == "calibrated" else None, fp32_codes=True)
+        close_on_gpu(out, ref)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("gemm", ["triton", "int_mm"])
+@pytest.mark.parametrize("mode", ["dynamic", "calibrated"])
+def test_fused_cuda_path_matches_the_float64_rederivation(dtype, gemm, mode, monkeypatch):
+    from models import int8_triton
+
+    variant = int8_triton.GEMM_CONFIGS[0] if gemm == "triton" else int8_triton.INT_MM
+    monkeypatch.setattr(int8_triton, "FORCE_CONFIG", variant)
+    check_fused_path(dtype, mode, [(37, 64, 24), (512, 768, 2304), (300, 1024, 4096)])
+
+
+@on_gpu
+def test_every_triton_tile_matches_the_float64_rederivation(monkeypatch):
+    from models import int8_triton
+
+    for config in int8_triton.GEMM_CONFIGS:  # the tiles "auto" chooses from (bf16, as benchmarked)
+        monkeypatch.setattr(int8_triton, "FORCE_CONFIG", config)
+        check_fused_path(torch.bfloat16, "dynamic", [(512, 768, 2304)])
+
+
+def outlier_inputs(s: int, h: int) -> list[torch.Tensor]:
+    """0, 3 and 103 outlier columns (kept ones and others), on the same shape."""
+    clean = torch.randn(s, h, generator=torch.Generator().manual_seed(5)).clamp(-5, 5)
+    many = planted(s=s, h=h, cols=(3, 17, 40) + tuple(range(100, 700, 6)), seed=2)
+    return [clean, planted(s=s, h=h, cols=(3, 17, 40), seed=1), many]
+
+
+@on_gpu
+def test_one_captured_cuda_graph_follows_the_outlier_set():
+    from models.sparse_inference import warm_up_for_capture
+
+    lin = linear(768, 3072).to(torch.bfloat16)
+    layer = Int8Linear.from_linear(lin, 6.0, fp16_dims=[3, 17, 40]).cuda()
+    inputs = [x.to("cuda", torch.bfloat16) for x in outlier_inputs(256, 768)]
+    static = inputs[2].clone()
+    warm_up_for_capture(lambda: layer(static))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(static)
+    for x in [*inputs, inputs[0]]:  # outliers appear, grow, disappear
+        static.copy_(x)
+        graph.replay()
+        ref = reference(x.float().cpu(), lin.weight.float(), lin.bias.float(), 6.0, w16_cols={3, 17, 40},
+                        fp32_codes=True)
+        close_on_gpu(out, ref)
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)  # the eager call: the same kernels
+
+
+@on_gpu
+def test_compiled_layer_follows_the_outlier_set_without_recompiling():
+    import torch._dynamo.testing
+
+    lin = linear(768, 768).to(torch.bfloat16)
+    layer = Int8Linear.from_linear(lin, 6.0, fp16_dims=[3, 17, 40]).cuda()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    for x in outlier_inputs(256, 768):
+        x = x.to("cuda", torch.bfloat16)
+        ref = reference(x.float().cpu(), lin.weight.float(), lin.bias.float(), 6.0, w16_cols={3, 17, 40},
+                        fp32_codes=True)
+        close_on_gpu(compiled(x), ref)
+    assert counter.frame_count == 1
+
+
+@on_gpu
+def test_fused_qkv_bert_through_bucketed_runner_padded_and_unpadded():
+    import models.int8
+    from models.sparse_inference import BucketedRunner, hf_forward
+
+    net = tiny_bert().bert.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for name, module in net.named_modules():
+            if name.endswith("LayerNorm"):
+                module.weight[[3, 40]] = 4.0  # planted systematic outliers
+    quantize_model(net, 6.0, fp16_dims={n: [3, 40] for n in bert_layer_names(net)})
+    fn = hf_forward(net, "last_hidden_state")
+    runner = BucketedRunner(fn, seq_buckets=(16,), batch_buckets=(4,))
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 11:], mask[3, 5:] = 0, 0
+    for batch_mask in (None, mask.cuda()):
+        for _ in range(2):  # the first call captures, the second replays on new tokens
+            ids = torch.randint(1, 100, (4, 16), generator=gen).cuda()
+            with torch.no_grad():
+                graphed = runner(ids, batch_mask)
+                eager = fn(ids, batch_mask)
+                models.int8.FUSED = False
+                try:
+                    plain = fn(ids, batch_mask)  # the PyTorch reference path, same padded batch
+                finally:
+                    models.int8.FUSED = True
+            torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+            keep = (batch_mask if batch_mask is not None else torch.ones_like(ids)).bool()
+            torch.testing.assert_close(graphed[keep].float(), plain[keep].float(), rtol=0.02, atol=0.05)
+
+
+@on_gpu
 @pytest.mark.parametrize("shape", [(37, 64, 24), (5, 20, 12), (512, 768, 3072)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_cuda_int_mm_path_matches_the_cpu_path(shape, fused, monkeypatch):
+def test_cuda_path_matches_the_cpu_path(shape, fused, monkeypatch):
     import models.int8
 
     monkeypatch.setattr(models.int8, "FUSED", fused)  # Triton kernels, or the PyTorch ops
@@ -246,21 +476,15 @@ def test_cuda_int_mm_path_matches_the_cpu_path(shape, fused, monkeypatch):
     x, lin = planted(s=s, h=h, cols=(3, 17)), linear(h, o)
     layer = Int8Linear.from_linear(lin, 6.0, fp16_dims=[3])
     cpu = layer(x)
-    gpu = layer.cuda()(x.cuda()).cpu()
-    # CPU and GPU may round x * 127 / c_x differently in the last bit: a code can then differ
-    # by one at an exact .5, moving an output by one code step of that row.
-    step = 1.01 * float(x.abs().max()) * float(lin.weight.abs().max()) / 127
-    torch.testing.assert_close(gpu, cpu, rtol=0, atol=step)
-    assert ((gpu - cpu).abs() > 1e-5).double().mean() < 0.01
-    ref = reference(x, lin.weight, lin.bias, 6.0, w16_cols={3})
-    torch.testing.assert_close(gpu.double(), ref, rtol=0, atol=step)
-    x16 = x.cuda().to(torch.bfloat16)  # bf16 activations: the codes match the CPU path's
+    gpu_out = layer.cuda()(x.cuda()).cpu()
+    # Both evaluate x * (127 / c_x) as torch does (float32 reciprocal, then products): the same codes.
+    torch.testing.assert_close(gpu_out, cpu, rtol=0, atol=1e-5 * float(cpu.abs().max()))
+    x16 = x.cuda().to(torch.bfloat16)
     layer16 = Int8Linear.from_linear(lin.cuda().to(torch.bfloat16), 6.0, fp16_dims=[3])
     torch.testing.assert_close(layer16(x16).float(), layer16.cpu()(x16.cpu()).float().cuda(), rtol=0.01, atol=0.02)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 def test_cuda_graph_capture_in_calibrated_mode():
     x, lin = planted(s=256, h=768, cols=(3, 17, 40)), linear(768, 768)
     layer = Int8Linear.from_linear(lin.cuda().half(), 6.0, fp16_dims=[3, 17, 40], outliers="calibrated")
@@ -277,8 +501,23 @@ def test_cuda_graph_capture_in_calibrated_mode():
     torch.testing.assert_close(captured, eager)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
+def test_gemm_choice_is_timed_once_per_shape_and_kept(monkeypatch):
+    from models import int8_triton
+
+    monkeypatch.setattr(int8_triton, "AUTOTUNE", True)
+
+    layer = Int8Linear.from_linear(linear(768, 3072).to(torch.bfloat16), 6.0, fp16_dims=[3]).cuda()
+    x = planted(s=1000, h=768, cols=(3, 9)).to("cuda", torch.bfloat16)
+    layer(x)
+    key = (1024, 3072, 768, torch.bfloat16, True, True, "auto", x.device)
+    assert int8_triton.CHOSEN[key] in int8_triton.gemm_candidates(1000, 768, 3072, x.device)
+    chosen = dict(int8_triton.CHOSEN)
+    layer(x[:900])  # same power-of-two bucket: no new timing
+    assert int8_triton.CHOSEN == chosen
+
+
+@on_gpu
 def test_a_2to4_exported_layer_is_refused():
     from models.nm_sparsity import export_sparse_24, nm_mask
 
