@@ -17,7 +17,12 @@ When the test loop starts, the callback
    replaces by ``Int8Linear`` (``outliers="dynamic"`` by default: every column is checked on
    every call, as in the paper); the module's own layers are never touched;
 3. registers it as the module's evaluation variant ``prefix``
-   (:meth:`models.classifier.ClassifierModule.add_eval_variant`).
+   (:meth:`models.classifier.ClassifierModule.add_eval_variant`). On a GPU the copy runs from
+   CUDA graphs by default (``cuda_graphs``): batches padded into static ``(batch, seq)`` buckets
+   by :class:`models.sparse_inference.BucketedRunner`, one graph per bucket, unpadded batches
+   with transformers' unmasked flash attention (``hf_forward``). The fused int8 kernels detect
+   outlier columns on the device, so a graph stays exact when the outlier set changes between
+   batches; eagerly each int8 layer costs a few kernel launches more than a 16-bit one.
 
 The test loop then scores every batch twice, the module's pass and the int8 copy's, with the
 same code: ``test/acc``, ``test/loss`` and ``test_int8/acc``, ``test_int8/loss`` come from one
@@ -48,6 +53,8 @@ from torch import nn
 from typing_extensions import override
 
 from models.classifier import ClassifierModule, shared_copy
+from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner, cap_buckets,
+                                     check_buckets, hf_forward)
 from models.int8 import (DEFAULT_INCLUDE, OUTLIER_MODES, Int8Report, OutlierCounter, check_threshold,
                          quantize_model, weight_bytes)
 
@@ -87,6 +94,10 @@ class Int8Eval(Callback):
         outliers: ``"dynamic"`` (the paper: every column checked on every call) or
             ``"calibrated"`` (only the kept columns; fixed shapes), see ``models/int8.py``.
         prefix: metric prefix of the int8 pass.
+        cuda_graphs: on a GPU, how the int8 copy runs: ``true`` (CUDA graphs of padded
+            buckets), ``"auto"`` (per bucket, the faster of its graph and eager), ``"compile"``
+            (``torch.compile`` reduce-overhead per bucket) or ``false`` (eager). Ignored on the CPU.
+        seq_buckets, batch_buckets: the static shapes of the graphs (inputs are padded up to them).
 
     After a test, :attr:`results` holds the logged numbers, :attr:`report` the
     :class:`models.int8.Int8Report` and :attr:`fp16_dims` the kept columns per layer.
@@ -101,6 +112,9 @@ class Int8Eval(Callback):
         keep_min_fraction: float = 0.0,
         outliers: Literal["dynamic", "calibrated"] = "dynamic",
         prefix: str = "test_int8",
+        cuda_graphs: bool | Literal["auto", "hand", "compile", "eager"] = True,
+        seq_buckets: list[int] = list(DEFAULT_SEQ_BUCKETS),  # noqa: B006
+        batch_buckets: list[int] = list(DEFAULT_BATCH_BUCKETS),  # noqa: B006
     ) -> None:
         self.threshold = check_threshold(threshold)
         if not include:
@@ -113,6 +127,13 @@ class Int8Eval(Callback):
             raise ValueError(f"outliers: expected 'dynamic' or 'calibrated', got {outliers!r}")
         if not prefix or prefix == "test":
             raise ValueError(f"prefix: must be non-empty and differ from 'test', got {prefix!r}")
+        if cuda_graphs not in (True, False, "auto", "hand", "compile", "eager"):
+            raise ValueError(f"cuda_graphs: expected true, false, 'auto', 'hand', 'compile' or 'eager', "
+                             f"got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self.seq_buckets = check_buckets(seq_buckets, "seq_buckets")
+        self.batch_buckets = check_buckets(batch_buckets, "batch_buckets")
+        self.runner: BucketedRunner | None = None  # the int8 copy's graphs while a test runs on a GPU
         self.include, self.exclude = list(include), list(exclude)
         self.calibration_batches = calibration_batches
         self.keep_min_fraction, self.outliers = keep_min_fraction, outliers
@@ -137,7 +158,13 @@ class Int8Eval(Callback):
         self._net = holder["net"]
         own = weight_bytes(pl_module)
         self._bytes = (own, own - weight_bytes(pl_module.net) + weight_bytes(self._net))
-        pl_module.add_eval_variant(self.prefix, functools.partial(pl_module.net_logits, self._net))
+        forward = functools.partial(pl_module.net_logits, self._net)
+        if pl_module.device.type == "cuda" and self.cuda_graphs is not False:
+            config = self._net.config
+            self.runner = BucketedRunner(hf_forward(self._net), cap_buckets(self.seq_buckets, config.max_position_embeddings),
+                                         self.batch_buckets, getattr(config, "pad_token_id", 0) or 0, self.cuda_graphs)
+            forward = self.runner
+        pl_module.add_eval_variant(self.prefix, forward)
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -171,7 +198,7 @@ class Int8Eval(Callback):
     def _release(self, pl_module: LightningModule) -> None:
         if self.prefix in pl_module.eval_variants:
             pl_module.remove_eval_variant(self.prefix)
-        self._net = None
+        self._net = self.runner = None
 
     def _memory(self) -> dict[str, float]:
         own, int8 = self._bytes

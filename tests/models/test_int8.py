@@ -529,3 +529,42 @@ def test_a_2to4_exported_layer_is_refused():
     export_sparse_24(net, [r"encoder\.layer\.0\.intermediate"])
     with pytest.raises(ValueError, match="2:4-exported"):
         quantize_model(net)
+
+
+@on_gpu
+def test_int8_eval_runs_the_int8_copy_from_cuda_graphs_with_the_eager_numbers(tmp_path):
+    """callbacks.Int8Eval on a GPU (its default cuda_graphs=True) scores the int8 copy through a
+    BucketedRunner in the module's own test loop: the same accuracy and loss as the eager copy
+    (cuda_graphs=False), padded and unpadded batches."""
+    import lightning as L
+
+    from callbacks.int8_eval import Int8Eval
+    from models.bert_classifier import BertClassifier
+
+    config = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
+              "vocab_size": 200, "max_position_embeddings": 64}
+    model = BertClassifier(pretrained=None, config=config, num_labels=2)
+    with torch.no_grad():
+        for name, module in model.net.named_modules():
+            if name.endswith("LayerNorm"):
+                module.weight[[3, 40]] = 8.0  # planted outlier dimensions, |x| well past 6
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(6):
+        ids = torch.randint(1, 200, (8, 32), generator=gen)
+        mask = torch.ones_like(ids)
+        if i % 2:
+            mask[:, 20 + i:] = 0  # padded batches
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (8,), generator=gen)})
+    results = {}
+    for graphs in (True, False):
+        callback = Int8Eval(calibration_batches=0, cuda_graphs=graphs, seq_buckets=[32], batch_buckets=[8])
+        trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-true", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
+                            default_root_dir=tmp_path)
+        trainer.test(model, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+        results[graphs] = callback.results
+        if graphs:
+            assert callback.runner is None  # released at the end of the loop
+    assert results[True]["test_int8/acc"] == results[False]["test_int8/acc"]
+    assert results[True]["test_int8/loss"] == pytest.approx(results[False]["test_int8/loss"], rel=2e-2)
