@@ -16,6 +16,9 @@ newlines per block for the lines of other readers. Malformed lines either stop t
 with ``file:line`` (``on_malformed: error``) or are skipped, counted and reported per reader
 (``on_malformed: count``); they are never dropped silently.
 
+Batches are :class:`~datamodules.ctr.batch.PackedBatch` es (one tensor per batch from the workers
+to the training process, unpacked on the GPU); hash sizes must stay below ``2**31``.
+
 Nothing to read is an error before the model is built (``setup``): no training files, an empty
 file, fewer training lines than one batch per device, ``.npy`` files whose row counts disagree;
 an unreadable (e.g. truncated gzip) file is named when the reader reaches it. Training streams
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 from itertools import islice
 from pathlib import Path
 from typing import Iterator, Literal
@@ -35,7 +39,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.ctr.batch import CTRSchema, make_batch
+from datamodules.ctr.batch import MAX_PACKED_ID, CTRSchema, PackedBatch, pack_batch
 from datamodules.ctr.sharding import current_reader, num_global_batches
 from datamodules.ctr.stream import BatchStream, StreamLoader
 from datamodules.loader import check_split_size
@@ -127,6 +131,11 @@ def parse_lines_fast(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.nda
     if ints is None or cats is None:
         return None
     return labels, np.where(neg, -ints, ints), cats
+
+
+def _in_worker() -> bool:
+    """In a DataLoader worker (batches are then made in shared memory, sent without a copy)."""
+    return torch.utils.data.get_worker_info() is not None
 
 
 def dense_transform(ints: np.ndarray) -> np.ndarray:
@@ -354,8 +363,8 @@ class CriteoTextStream(IterableDataset):
         bulk = parse_lines_fast([text for _path, _number, text in lines])
         if bulk is not None:  # the common case: every line well-formed, parsed with numpy
             labels, ints, cats = bulk
-            return make_batch(dense_transform(ints), cats % self.hash_sizes, labels,
-                              np.arange(start, start + len(lines)), SPARSE_NAMES)
+            return pack_batch(dense_transform(ints), cats % self.hash_sizes, labels,
+                              np.arange(start, start + len(lines)), SPARSE_NAMES, _in_worker())
         labels, ints, cats, keep = [], [], [], []
         for offset, (path, number, text) in enumerate(lines):
             try:
@@ -376,7 +385,8 @@ class CriteoTextStream(IterableDataset):
             return None
         ids = np.asarray(cats, dtype=np.int64) % self.hash_sizes
         dense = dense_transform(np.asarray(ints, dtype=np.int64))
-        return make_batch(dense, ids, np.asarray(labels), np.asarray(keep), SPARSE_NAMES)
+        return pack_batch(dense, ids, np.asarray(labels), np.asarray(keep), SPARSE_NAMES,
+                          _in_worker())
 
     def epoch_batches(self, world_size: int) -> None:
         return None  # unknown until the files are read
@@ -422,14 +432,52 @@ class CriteoTextStream(IterableDataset):
                         reader.index, reader.count, self.malformed, self.first_malformed)
 
 
+class NpyColumns:
+    """One ``.npy`` file of a day opened for reading rows: its dtype, row width and where its data
+    starts, and a file descriptor for ``os.pread`` (one per process: not picklable)."""
+
+    def __init__(self, path: str) -> None:
+        array = np.load(path, mmap_mode="r")
+        self.path, self.dtype = path, array.dtype
+        self.width = int(np.prod(array.shape[1:], dtype=np.int64))
+        self.offset = int(array.offset)
+        self.array = array  # the memory map, for rows that are not one contiguous range
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_into(self, out: np.ndarray, lo: int) -> None:
+        """Rows ``lo .. lo + len(out)`` into ``out`` (C-contiguous, this file's dtype and width):
+        one ``pread`` from the page cache, where copying from the memory map would fault on
+        every 4 KB page the first time this process touches it (once per page per epoch)."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        at, start = 0, self.offset + lo * self.width * self.dtype.itemsize
+        while at < len(view):
+            got = os.preadv(self.fd, [view[at:]], start + at)
+            if got <= 0:
+                raise ValueError(f"{self.path}: ended before row {lo + len(out)}; the file is "
+                                 "truncated: write it again")
+            at += got
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
 class NpySource:
     """torchrec's binary layout: ``<stem>_dense.npy`` (N, 13) float32, ``<stem>_sparse.npy``
-    (N, 26) int, ``<stem>_labels.npy`` (N, 1); memory-mapped, addressed by global row."""
+    (N, 26) int, ``<stem>_labels.npy`` (N, 1); addressed by global row, made into
+    :class:`~datamodules.ctr.batch.PackedBatch` es.
+
+    A batch of consecutive rows (the unshuffled stream) is read with one ``pread`` per file part
+    into the packed batch itself (the dense rows) or a reused scratch buffer (ids, labels); other
+    index sets are gathered from the memory maps. Ids are hashed (modulo) here, in the workers.
+    """
 
     def __init__(self, stems: list[str], hash_sizes: tuple[int, ...]) -> None:
         self.stems = stems
         self.hash_sizes = np.asarray(hash_sizes, dtype=np.int64)
-        self._arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._files: list[tuple[NpyColumns, NpyColumns, NpyColumns]] | None = None
+        self._scratch: dict[tuple[str, int], np.ndarray] = {}
         self.rows = [npy_rows(s) for s in stems]
         self.starts = np.cumsum([0] + self.rows)
 
@@ -437,28 +485,54 @@ class NpySource:
         return int(self.starts[-1])
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}  # workers re-open their own memory maps
+        return {**self.__dict__, "_files": None, "_scratch": {}}  # workers open their own
 
-    def _open(self):
-        if self._arrays is None:
-            self._arrays = [tuple(np.load(f"{s}_{part}.npy", mmap_mode="r")
-                                  for part in ("dense", "sparse", "labels")) for s in self.stems]
-        return self._arrays
+    def _open(self) -> list[tuple[NpyColumns, NpyColumns, NpyColumns]]:
+        if self._files is None:
+            self._files = [tuple(NpyColumns(f"{s}_{part}.npy") for part in ("dense", "sparse", "labels"))
+                           for s in self.stems]
+        return self._files
 
-    def __call__(self, indices: np.ndarray):
-        arrays = self._open()
+    def _buffer(self, name: str, rows: int, columns: NpyColumns) -> np.ndarray:
+        """A scratch array of ``rows`` rows of ``columns``' dtype and width, reused per process."""
+        key = (name, columns.dtype.num)
+        if key not in self._scratch or len(self._scratch[key]) < rows:
+            self._scratch[key] = np.empty((rows, columns.width), dtype=columns.dtype)
+        return self._scratch[key][:rows]
+
+    def __call__(self, indices: np.ndarray) -> PackedBatch:
+        indices = np.asarray(indices, dtype=np.int64)
+        files = self._open()
+        batch, out = PackedBatch.empty(len(indices), NUM_INT, SPARSE_NAMES,
+                                       shared=torch.utils.data.get_worker_info() is not None)
+        out["indices"][:] = indices
         file_of = np.searchsorted(self.starts, indices, side="right") - 1
-        dense, sparse, labels = [], [], []
-        for f in np.unique(file_of):
-            rows = indices[file_of == f] - self.starts[f]
-            d, s, l = arrays[f]
-            lo, hi = int(rows.min()), int(rows.max()) + 1  # contiguous: one slice per file
-            dense.append(np.asarray(d[lo:hi])[rows - lo])
-            sparse.append(np.asarray(s[lo:hi])[rows - lo])
-            labels.append(np.asarray(l[lo:hi]).reshape(-1)[rows - lo])
-        ids = np.concatenate(sparse).astype(np.int64) % self.hash_sizes
-        return make_batch(np.concatenate(dense).astype(np.float32), ids,
-                          np.concatenate(labels), indices, SPARSE_NAMES)
+        for f in np.unique(file_of):  # batches crossing into the next day's files: two parts
+            where = np.flatnonzero(file_of == f)  # the part's places in the batch
+            rows = indices[where] - self.starts[f]
+            n, lo = len(rows), int(rows[0])
+            dense, sparse, labels = files[f]
+            if (np.diff(rows) == 1).all() and where[-1] - where[0] == n - 1:  # consecutive: read
+                part = slice(int(where[0]), int(where[0]) + n)
+                if dense.dtype == np.float32:
+                    dense.read_into(out["dense"][part], lo)
+                else:
+                    out["dense"][part] = dense.array[lo:lo + n]
+                ids = self._buffer("ids", n, sparse)
+                sparse.read_into(ids, lo)
+                flags = self._buffer("labels", n, labels)
+                labels.read_into(flags, lo)
+            else:  # any other order: gather from the memory maps
+                part = where
+                out["dense"][part] = dense.array[rows]
+                ids = np.asarray(sparse.array[rows])
+                flags = np.asarray(labels.array[rows]).reshape(n, -1)
+            if ids.dtype != np.int64:
+                ids = ids.astype(np.int64)
+            np.remainder(ids, self.hash_sizes, out=ids)
+            out["ids"][:, part] = ids.T
+            out["labels"][part] = flags[:, 0]
+        return batch
 
 
 def npy_rows(stem: str) -> int:
@@ -539,6 +613,9 @@ class CriteoTSV(LightningDataModule):
         sizes = [hash_size] * NUM_CAT if isinstance(hash_size, int) else list(hash_size)
         if len(sizes) != NUM_CAT or any(s < 1 for s in sizes):
             raise ValueError(f"hash_size must be an int >= 1 or {NUM_CAT} of them, got {hash_size!r}")
+        if max(sizes) > MAX_PACKED_ID + 1:
+            raise ValueError(f"hash_size must be at most 2**31 rows per table (ids travel as "
+                             f"int32), got {hash_size!r}")
         self.save_hyperparameters()
         self.files = {"train": list(train_files), "val": list(val_files or []),
                       "test": list(test_files or [])}

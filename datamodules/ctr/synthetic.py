@@ -98,9 +98,15 @@ class Teacher:
     def __init__(self, seed: int, num_dense: int, cardinalities: tuple[int, ...], dim: int,
                  hidden: int, signal: float, base_rate: float) -> None:
         rng = np.random.default_rng([seed, 0])
-        tables = [rng.normal(0.0, 1.0, (c, dim)).astype(np.float32) for c in cardinalities]
-        # One table of all features' rows; feature f starts at row offsets[f].
-        self.table = torch.from_numpy(np.concatenate(tables))
+        # One table of all features' rows; feature f starts at row offsets[f]. Drawn table by
+        # table into one float32 array: standard_normal draws what normal(0, 1) draws, without
+        # the per-table float32 copies and their concatenation (seconds at 7M rows).
+        table = np.empty((sum(cardinalities), dim), dtype=np.float32)
+        at = 0
+        for c in cardinalities:
+            table[at:at + c] = rng.standard_normal((c, dim))
+            at += c
+        self.table = torch.from_numpy(table)
         self.offsets = torch.tensor(np.cumsum([0, *cardinalities[:-1]]), dtype=torch.int64)
         width = num_dense + dim * len(cardinalities)
         self.w1 = torch.from_numpy(rng.normal(0.0, math.sqrt(2.0 / width), (width, hidden)).astype(np.float32))
@@ -262,8 +268,11 @@ class SyntheticCTR(LightningDataModule):
         base_rate: float = 0.25,
         num_workers: int = 0,
         device: Literal["cpu", "cuda", "auto"] = "cpu",
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or null, got {eval_batch_size!r}")
         for name, value in (("batch_size", batch_size), ("train_samples", train_samples),
                             ("max_cardinality", max_cardinality), ("teacher_dim", teacher_dim),
                             ("teacher_hidden", teacher_hidden), ("num_dense", num_dense)):
@@ -287,6 +296,7 @@ class SyntheticCTR(LightningDataModule):
             raise ValueError(f"cardinalities must be a non-empty list of ints >= 1, got {cardinalities!r}")
         self.save_hyperparameters()
         self.batch_size, self.train_samples = batch_size, train_samples
+        self.eval_batch_size = eval_batch_size or batch_size
         self.val_samples, self.test_samples = val_samples, test_samples
         self.num_workers, self.device = num_workers, device
         capped = tuple(min(c, max_cardinality) for c in cards)
@@ -321,9 +331,12 @@ class SyntheticCTR(LightningDataModule):
             source = SyntheticSource(hp.seed, split, self.schema, hp.zipf_exponent,
                                      self.teacher, key[1])
             if key[1].type != "cpu":  # one generation per GENERATION_CHUNK samples or so
-                source.chunk_batches = max(1, GENERATION_CHUNK // self.batch_size)
+                source.chunk_batches = max(1, GENERATION_CHUNK // self._batch_size(split))
             self._sources[key] = source
         return self._sources[key]
+
+    def _batch_size(self, split: str) -> int:
+        return self.batch_size if split == "train" else self.eval_batch_size
 
     def achievable_logloss(self, split: str = "val", num_samples: int | None = None) -> float:
         """The teacher's own expected log loss: the mean Bernoulli entropy of its probabilities."""
@@ -339,13 +352,13 @@ class SyntheticCTR(LightningDataModule):
         if stage in (None, "fit"):
             check_split_size("train", self.train_samples, self.batch_size, world, "train_samples")
         if stage in (None, "fit", "validate"):
-            check_split_size("val", self.val_samples, self.batch_size, where="val_samples")
+            check_split_size("val", self.val_samples, self.eval_batch_size, where="val_samples")
         if stage in (None, "test"):
-            check_split_size("test", self.test_samples, self.batch_size, where="test_samples")
+            check_split_size("test", self.test_samples, self.eval_batch_size, where="test_samples")
 
     def _loader(self, split: str, num_samples: int, train: bool) -> DataLoader:
         source = self.source(split)
-        stream = BatchStream(num_samples, self.batch_size, source, drop_last=train)
+        stream = BatchStream(num_samples, self._batch_size(split), source, drop_last=train)
         # Host batches are pinned on a GPU machine, so the copy to the GPU does not block.
         pin = source.device.type == "cpu" and torch.cuda.is_available()
         return StreamLoader(stream, self.num_workers, self.trainer if train else None, pin)

@@ -35,6 +35,10 @@ class CTRMetrics(Metric):
     Args:
         auroc_thresholds: ``None`` keeps every prediction for the exact AUROC; an int bins
             predictions into that many thresholds (constant memory for very large eval sets).
+
+    ``update`` never waits for the GPU: torchmetrics' argument checks (``validate_args``) look at
+    the labels' unique values on the host, a sync per batch that would make evaluation run at
+    the pace of the host's round trips; the labels here are 0/1 floats by construction.
     """
 
     full_state_update = False
@@ -44,15 +48,16 @@ class CTRMetrics(Metric):
         for name in ("loss_sum", "pred_sum", "label_sum", "count"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64),
                            dist_reduce_fx="sum")
-        self.auroc = BinaryAUROC(thresholds=auroc_thresholds)
+        self.auroc = BinaryAUROC(thresholds=auroc_thresholds, validate_args=False)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.detach().float(), labels.detach().float()
+        prob = torch.sigmoid(logits)
         self.loss_sum += F.binary_cross_entropy_with_logits(logits, labels, reduction="sum").double()
-        self.pred_sum += torch.sigmoid(logits).sum().double()
+        self.pred_sum += prob.sum().double()
         self.label_sum += labels.sum().double()
         self.count += labels.numel()
-        self.auroc.update(torch.sigmoid(logits), labels.long())
+        self.auroc.update(prob, labels.long())
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Every value a 0-dim float32 tensor on the states' device (so that a distributed

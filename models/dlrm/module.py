@@ -13,6 +13,7 @@ torchrec) embedding dim.
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
 from collections.abc import Callable, Iterable
 from typing import Literal, get_args
@@ -20,13 +21,17 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
-from datamodules.ctr.batch import CTRSchema, make_batch
+from datamodules.ctr.batch import CTRSchema, PackedBatch, make_batch
 from lit.module import LitModule
 from models.dlrm.metrics import CTRMetrics
 from models.dlrm.network import build_dlrm, fold_ids
@@ -40,6 +45,50 @@ from models.dlrm.strategy import TorchrecDDPStrategy  # importing it registers t
 def default_dense_optimizer(params) -> torch.optim.Optimizer:
     """Adagrad(lr=0.01) for the dense layers: the DLRM reference recipe's optimizer."""
     return torch.optim.Adagrad(params, lr=0.01)
+
+
+class StepPath(enum.Enum):
+    """How :meth:`DLRMModule.training_step` runs backward and the optimizer step; chosen by
+    :func:`step_path` at every train start (the only transition).
+
+    * ``LIGHTNING``: ``manual_backward`` and ``LightningOptimizer.step``: the precision plugin
+      (loss scaling), the strategy's backward hooks, and every callback's and the module's
+      ``on_before_backward`` / ``on_after_backward`` / ``on_before_optimizer_step``.
+    * ``DIRECT``: ``loss.backward()`` and the optimizer's own ``step``, counted as Lightning
+      counts it (``trainer.global_step``). Only when that path would add nothing: no loss
+      scaling, a strategy with nothing around backward, and nobody listening to those hooks.
+      On a GPU the step is bound by host work, and Lightning's path costs a round of calls
+      through every callback for each of the three hooks.
+    """
+
+    LIGHTNING = "lightning"
+    DIRECT = "direct"
+
+
+#: The hooks the direct path does not call.
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def step_path(trainer, module: LightningModule) -> tuple[StepPath, str]:
+    """The :class:`StepPath` for ``module`` under ``trainer``, and why."""
+    precision = trainer.precision_plugin
+    if getattr(precision, "scaler", None) is not None:
+        return StepPath.LIGHTNING, f"precision plugin {type(precision).__name__} (loss scaling)"
+    if type(precision) not in (Precision, MixedPrecision):
+        return StepPath.LIGHTNING, f"precision plugin {type(precision).__name__}"
+    if type(trainer.strategy) not in (SingleDeviceStrategy, TorchrecDDPStrategy):
+        return StepPath.LIGHTNING, f"strategy {type(trainer.strategy).__name__}"
+    for callback in trainer.callbacks:
+        for hook in STEP_HOOKS:
+            if is_overridden(hook, callback, Callback):
+                return StepPath.LIGHTNING, f"{type(callback).__name__}.{hook}"
+    for hook in (*STEP_HOOKS, "backward"):
+        if is_overridden(hook, module, LightningModule):
+            return StepPath.LIGHTNING, f"{type(module).__name__}.{hook}"
+    if not all(hasattr(o, "_on_before_step") and hasattr(o, "_on_after_step")
+               for o in trainer.strategy._lightning_optimizers):
+        return StepPath.LIGHTNING, "this Lightning's optimizer wrapper counts steps differently"
+    return StepPath.DIRECT, "no loss scaling and no backward or optimizer-step hooks"
 
 
 class DLRMModule(LitModule):
@@ -128,6 +177,10 @@ class DLRMModule(LitModule):
         # Saved in checkpoints, so a mid-epoch resume reports the whole epoch's mean.
         self._progressive = torch.zeros(2, dtype=torch.float64)
         self.size_report: dict[str, int] = {}
+        #: Seconds of the last build: ``plan_s`` (torchrec's planner), ``shard_s`` (DMP).
+        self.build_seconds: dict[str, float] = {}
+        self.step_path, self.step_path_reason = StepPath.LIGHTNING, "not trained yet"
+        self._world_size = 1
         self._step_clock: float | None = None
         self._clock_samples = 0
 
@@ -168,9 +221,11 @@ class DLRMModule(LitModule):
         schema = self._resolve_schema()
         self.shape = self._shape(schema)
         hp = self.hparams
+        self.build_seconds = {}
         self.model = shard_with_fused_optimizer(
             build_dlrm(self.shape, schema.sparse_names), device, hp.embedding_optimizer,
-            hp.embedding_lr, hp.embedding_eps, hp.embedding_weight_decay, hp.sharding_types)
+            hp.embedding_lr, hp.embedding_eps, hp.embedding_weight_decay, hp.sharding_types,
+            timings=self.build_seconds)
         rows = torch.tensor(self.shape.rows, dtype=torch.int64)
         # Fold ids only when some table is smaller than its feature's cardinality.
         needs_fold = any(r < c for r, c in zip(self.shape.rows, schema.cardinalities))
@@ -219,7 +274,11 @@ class DLRMModule(LitModule):
     @override
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         """Batches with their own ``to`` (the CTR batches) copy without blocking the host: the
-        loaders pin their memory on a GPU machine, so the copy overlaps the previous step."""
+        loaders pin their memory on a GPU machine, so the copy overlaps the previous step. A
+        :class:`~datamodules.ctr.batch.PackedBatch` (file readers) is one copy, unpacked on
+        ``device``."""
+        if isinstance(batch, PackedBatch):
+            return batch.to(device, non_blocking=device.type == "cuda")
         if hasattr(batch, "sparse_features") and hasattr(batch, "to"):
             if batch.dense_features.device == device:  # generated on the device: nothing to do
                 return batch
@@ -227,17 +286,33 @@ class DLRMModule(LitModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.step_path, self.step_path_reason = step_path(self.trainer, self)
+        self._world_size = self.trainer.world_size
+
+    @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         logits = self(batch)
         # Progressive loss: computed on this batch before any update from it.
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
+        if self.step_path is StepPath.DIRECT:
+            inner = optimizer.optimizer
+            inner.zero_grad()
+            loss.backward()
+            # What LightningOptimizer.step does around the step, without the precision plugin's
+            # closure (which would only call the on_before_optimizer_step hooks).
+            optimizer._on_before_step()
+            inner.step()
+            optimizer._on_after_step()
+        else:
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
         self.step_schedulers("step")
         size = batch.labels.shape[0]  # from the shape: no host sync
-        self.samples_seen += size * self.trainer.world_size
+        self.samples_seen += size * self._world_size
         detached = loss.detach()
         # Accumulated on the device: no host sync and no host-to-device copy per step.
         if self._loss_sum.device != detached.device:

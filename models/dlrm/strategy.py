@@ -11,6 +11,13 @@ sharded checkpoints: each rank saves its own shards of the tables and of the fus
 state with ``torch.distributed.checkpoint`` (DCP), so no rank ever gathers a whole table. DCP
 re-shards on load, so such a checkpoint resumes on another number of GPUs or another plan.
 
+After a run (fit, validate, test) the module stays where it trained: Lightning's strategies copy
+the module and the optimizer state to the CPU at teardown, which for a DLRM is every table (GBs)
+through the host, once after ``fit`` and again after the ``test`` that follows it, and the test
+copies them back first. ``teardown_to_cpu=True`` restores Lightning's behaviour; or call
+``module.cpu()`` when the copy is wanted. One process is a valid world (``--trainer.devices 1``),
+so this is also the strategy of single-GPU DLRM configs.
+
 It is registered with Lightning as ``torchrec_ddp`` (``--trainer.strategy torchrec_ddp``) when
 this module is imported, which :mod:`models.dlrm.module` does; ``DLRMModule`` names it as its
 ``ddp_strategy`` (the CLI runs it for ``--trainer.strategy ddp``) and its
@@ -47,6 +54,8 @@ class TorchrecDDPStrategy(DDPStrategy):
             tables and fused optimizer state stay sharded on save and are re-sharded on load.
             ``"full"``: one ``.ckpt`` file with every table gathered whole on rank 0 (needs the
             tables to fit in one host's memory; loads with plain ``torch.load``).
+        teardown_to_cpu: move the module and optimizer state to the CPU when a run ends, as
+            Lightning's strategies do (default False: they stay on the device).
         **kwargs: ``DDPStrategy``'s arguments (``process_group_backend``, ``timeout``, ...).
 
     Use as ``--trainer.strategy torchrec_ddp`` or, with arguments, from YAML as
@@ -57,12 +66,14 @@ class TorchrecDDPStrategy(DDPStrategy):
 
     strategy_name = NAME
 
-    def __init__(self, state_dict_type: StateDictType = "sharded", **kwargs: Any) -> None:
+    def __init__(self, state_dict_type: StateDictType = "sharded", teardown_to_cpu: bool = False,
+                 **kwargs: Any) -> None:
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"TorchrecDDPStrategy: state_dict_type={state_dict_type!r}; "
                              "choose 'sharded' (DCP folder) or 'full' (one file)")
         super().__init__(**kwargs)
         self.state_dict_type: StateDictType = state_dict_type
+        self.teardown_to_cpu = teardown_to_cpu
         self._sharded_path: Path | None = None  # the DCP folder being restored
 
     @classmethod
@@ -100,6 +111,23 @@ class TorchrecDDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         # DMP already put DDP around the dense layers; nothing to wrap here.
         pass
+
+    @override
+    def teardown(self) -> None:
+        """Lightning's teardown (cluster environment, precision plugin, accelerator, checkpoint
+        IO) without moving the module and the optimizer state to the CPU, unless
+        ``teardown_to_cpu``. There is no DDP wrapper of Lightning's to undo (see ``setup``)."""
+        if self.teardown_to_cpu:
+            return super().teardown()
+        module = self.lightning_module
+        if (module is not None and module._trainer is not None and self._layer_sync
+                and module._trainer.state.fn == TrainerFn.FITTING):
+            self.model = self._layer_sync.revert(self.model)
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
     # --- checkpoints -----------------------------------------------------------------------------
 

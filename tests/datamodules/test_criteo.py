@@ -149,11 +149,76 @@ def test_npy_layout(tmp_path):
     assert len(list(dm.train_dataloader())) == 2
 
 
+def test_npy_rows_read_or_gathered_equal_the_arrays(tmp_path):
+    """The packed batches of consecutive rows (read with pread, across two days' files) and of
+    shuffled rows (gathered from the memory maps) hold exactly the arrays' values: dense as
+    stored, ids modulo the hash size per feature, labels, indices; int32 ids on disk too."""
+    import torch
+
+    from datamodules.ctr.batch import PackedBatch
+    from datamodules.ctr.criteo import NpySource
+
+    rng = np.random.default_rng(1)
+    days = {"day_0": 11, "day_1": 9}
+    for day, n in days.items():
+        np.save(tmp_path / f"{day}_dense.npy", rng.random((n, 13), dtype=np.float32))
+        ids = rng.integers(0, 2**31 - 1, (n, 26))
+        np.save(tmp_path / f"{day}_sparse.npy", ids.astype(np.int32 if day == "day_1" else np.int64))
+        np.save(tmp_path / f"{day}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
+    hashes = tuple(range(1000, 1026))
+    source = NpySource([str(tmp_path / d) for d in days], hashes)
+    dense = np.concatenate([np.load(tmp_path / f"{d}_dense.npy") for d in days])
+    sparse = np.concatenate([np.load(tmp_path / f"{d}_sparse.npy").astype(np.int64) for d in days])
+    labels = np.concatenate([np.load(tmp_path / f"{d}_labels.npy") for d in days])[:, 0]
+    for rows in (np.arange(5, 17), rng.permutation(20)[:7]):
+        batch = source(rows)
+        assert isinstance(batch, PackedBatch)
+        assert np.array_equal(batch.dense_features.numpy(), dense[rows])
+        kjt = batch.sparse_features
+        assert kjt.values().dtype == torch.int64 and kjt.keys()[0] == "cat_0"
+        for f in (0, 7, 25):
+            assert kjt[f"cat_{f}"].values().tolist() == (sparse[rows, f] % hashes[f]).tolist()
+        assert batch.labels.tolist() == labels[rows].astype(np.float32).tolist()
+        assert batch.indices.tolist() == rows.tolist()
+
+
+def test_packed_batch_is_make_batch_in_one_tensor():
+    """pack_batch keeps make_batch's batch in one int32 tensor: the same values after
+    unpacking, after .to("cpu"), and after a pickle (as a DataLoader worker sends it)."""
+    import pickle
+
+    import torch
+
+    from datamodules.ctr.batch import PackedBatch, make_batch, pack_batch
+
+    rng = np.random.default_rng(2)
+    names = ("a", "b", "c")
+    dense = rng.random((5, 4), dtype=np.float32)
+    ids = rng.integers(0, 2**31 - 1, (5, 3))
+    labels, indices = np.array([1, 0, 0, 1, 1]), np.arange(100, 105) * 2**33  # int64 range
+    reference = make_batch(dense, ids, labels, indices, names)
+    packed = pack_batch(dense, ids, labels, indices, names)
+    assert packed.data.dtype == torch.int32 and packed.data.dim() == 1
+    sent = pickle.loads(pickle.dumps(packed))
+    for batch in (packed.unpack(), packed.to("cpu"), sent.unpack()):
+        assert torch.equal(batch.dense_features, reference.dense_features)
+        assert torch.equal(batch.labels, reference.labels)
+        assert torch.equal(batch.indices, reference.indices)
+        assert batch.sparse_features.keys() == reference.sparse_features.keys()
+        assert torch.equal(batch.sparse_features.values(), reference.sparse_features.values())
+        assert torch.equal(batch.sparse_features.lengths(), reference.sparse_features.lengths())
+        assert batch.sparse_features.length_per_key() == [5, 5, 5]
+    ids_at, labels_at, indices_at, total = PackedBatch.words(5, 4, 3)
+    assert (ids_at, labels_at, indices_at, total) == (20, 35, 40, 50)  # 40: 8-byte aligned
+
+
 def test_bad_settings(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_files"):
         CriteoTSV(train_files=[str(tmp_path / "missing.tsv")])
     with pytest.raises(ValueError, match="hash_size"):
         CriteoTSV(train_files=[], hash_size=[10, 20])
+    with pytest.raises(ValueError, match="hash_size must be at most 2\\*\\*31"):
+        CriteoTSV(train_files=[], hash_size=2**31 + 1)
 
 
 def test_shipped_mlperf_config_asks_for_train_files_before_building_the_model(capsys):

@@ -157,3 +157,45 @@ def test_chunked_generation_gives_the_same_batches(split, monkeypatch):
             np.testing.assert_array_equal(ix, iy)
             np.testing.assert_array_equal(dx, dy)
             assert (lx != ly).mean() <= 0.005
+
+
+def test_teacher_tables_are_the_per_table_normal_draws():
+    """The teacher's one table holds what drawing each feature's table with
+    ``rng.normal(0, 1, (c, dim))`` in float32 and concatenating them gives, bit for bit (the
+    samples of a seed did not change when the tables were drawn into one array)."""
+    from datamodules.ctr.synthetic import Teacher
+
+    cards, dim = (7, 300, 1, 45), 5
+    teacher = Teacher(11, 3, cards, dim, hidden=4, signal=2.0, base_rate=0.25)
+    rng = np.random.default_rng([11, 0])
+    reference = np.concatenate([rng.normal(0.0, 1.0, (c, dim)).astype(np.float32) for c in cards])
+    w1 = rng.normal(0.0, np.sqrt(2.0 / (3 + dim * len(cards))), (3 + dim * len(cards), 4))
+    np.testing.assert_array_equal(teacher.table.numpy(), reference)
+    np.testing.assert_array_equal(teacher.w1.numpy(), w1.astype(np.float32))  # same stream after
+
+
+def test_eval_batch_size_changes_batches_not_samples_or_metrics():
+    """Validation batches of 512 and of 4096 samples: the same samples, and the module's
+    held-out metrics over them agree (to float32 summation order)."""
+    import torch
+
+    from models.dlrm.module import DLRMModule
+
+    small = SyntheticCTR(batch_size=512, train_samples=2048, **SMALL)
+    large = SyntheticCTR(batch_size=512, eval_batch_size=4096, train_samples=2048, **SMALL)
+    a, b = list(small.val_dataloader()), list(large.val_dataloader())
+    assert len(a) == 8 and len(b) == 1 and len(b[0].labels) == 4096
+    assert torch.equal(torch.cat([x.indices for x in a]), b[0].indices)
+    assert torch.equal(torch.cat([x.sparse_features.values().view(3, -1) for x in a], 1),
+                       b[0].sparse_features.values().view(3, -1))
+    torch.manual_seed(0)
+    module = DLRMModule(embedding_dim=4, num_embeddings=64, dense_arch_layer_sizes=[8],
+                        over_arch_layer_sizes=[8], num_dense_features=4,
+                        sparse_feature_names=list(small.schema.sparse_names),
+                        sparse_cardinalities=list(small.schema.cardinalities))
+    module.build("cpu")
+    first, second = module.held_out_metrics(a), module.held_out_metrics(b)
+    for name, value in first.items():
+        assert second[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 1"):
+        SyntheticCTR(eval_batch_size=0)

@@ -1,7 +1,9 @@
 """DLRM on CUDA: the fused row-wise Adagrad step on the GPU against a float64 re-derivation on the
 CPU, a Trainer fit on one GPU (dense layers, metrics and logged values on the device), the
-benchmark's raw loops, the on-device synthetic stream against the CPU one, and a two-process
-NCCL fit when two GPUs are visible. Run with ``pytest -m gpu``."""
+benchmark's raw loops, the on-device synthetic stream against the CPU one, packed ``.npy``
+batches from pinning workers unpacked on the GPU, the GPU config end to end through the CLI
+(tables still on the GPU after fit and test, one sharded checkpoint), and a two-process NCCL fit
+when two GPUs are visible. Run with ``pytest -m gpu``."""
 
 from __future__ import annotations
 
@@ -149,6 +151,64 @@ def test_synthetic_stream_on_cuda_matches_cpu():
     p_cpu = cpu.source("val").probability(np.arange(2048))
     p_gpu = gpu.source("val").probability(np.arange(2048))
     assert np.allclose(p_cpu, p_gpu, atol=1e-5)
+
+
+def test_packed_npy_batches_from_pinning_workers_unpack_on_the_gpu(tmp_path):
+    """Two workers, pinned memory, one copy per batch: on the GPU the batch holds the rows'
+    values (dense as stored, ids modulo the hash size, labels, indices)."""
+    from datamodules.ctr.criteo import CriteoTSV
+
+    rng = np.random.default_rng(0)
+    n = 700
+    np.save(tmp_path / "day_0_dense.npy", rng.random((n, 13), dtype=np.float32))
+    np.save(tmp_path / "day_0_sparse.npy", rng.integers(0, 2**32, (n, 26)))
+    np.save(tmp_path / "day_0_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
+    dense = np.load(tmp_path / "day_0_dense.npy")
+    sparse = np.load(tmp_path / "day_0_sparse.npy")
+    labels = np.load(tmp_path / "day_0_labels.npy")[:, 0]
+    dm = CriteoTSV(train_files=[str(tmp_path / "day_0_dense.npy")], batch_size=64,
+                   hash_size=997, num_workers=2)
+    module = DLRMModule(**TINY)
+    seen = []
+    for packed in dm.train_dataloader():
+        assert packed.data.is_pinned()
+        batch = module.transfer_batch_to_device(packed, CUDA, 0)
+        rows = batch.indices.cpu().numpy()
+        assert batch.dense_features.device == CUDA
+        assert np.array_equal(batch.dense_features.cpu().numpy(), dense[rows])
+        ids = batch.sparse_features.values().view(26, -1).T.cpu().numpy()
+        assert np.array_equal(ids, sparse[rows] % 997)
+        assert np.array_equal(batch.labels.cpu().numpy(), labels[rows].astype(np.float32))
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(64 * (n // 64)))
+
+
+def test_gpu_config_end_to_end_keeps_tables_on_the_gpu(tmp_path):
+    """configs/dlrm/synthetic_gpu.yaml, shrunk, through ``python -m lit fit`` with the phase timer
+    of the benchmark: the direct step path, the tables on the GPU after fit and after test, one
+    sharded checkpoint that last.ckpt links to."""
+    import json
+
+    from lit.checkpoints import is_sharded_checkpoint
+    from tests.conftest import cli_args, run_lit
+
+    phases = tmp_path / "phases.json"
+    proc = run_lit(cli_args(
+        "fit", "--config", "configs/dlrm/synthetic_gpu.yaml", "--trainer.accelerator=gpu",
+        "--trainer.devices=1", "--model.init_args.num_embeddings=10000",
+        "--data.init_args.train_samples=131072", "--data.init_args.val_samples=65536",
+        "--data.init_args.test_samples=65536",
+        "--trainer.callbacks=[{class_path: callbacks.EvalAtSamples, "
+        "init_args: {at_samples: [65536, 131072]}}, {class_path: "
+        f"benchmarks.dlrm_phases.PhaseTimer, init_args: {{path: {phases}}}}}]",
+        tmp_path=tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads(phases.read_text())["info"]
+    assert info["step_path"] == "direct", info
+    assert info["module_device_after_fit"].startswith("cuda"), info
+    assert info["module_device_after_test"].startswith("cuda"), info
+    links = list(tmp_path.rglob("last.ckpt"))
+    assert len(links) == 1 and links[0].is_symlink() and is_sharded_checkpoint(links[0])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
