@@ -313,7 +313,11 @@ def _launch_quantize(x, ws, slot, q, cx, threshold: float, outliers: bool) -> No
     grid = (triton.cdiv(s, block_s) + (1 if outliers else 0),)
     _quantize_kernel[grid](x, ws, slot, q, cx, s, h, x.stride(0), threshold, BLOCK_S=block_s, BLOCK_H=block_h,
                            BLOCK_L=min(_pow2(h), 1024), OUTLIERS=outliers, ONE_PASS=block_h >= h,
-                           num_warps=4 if block_s * block_h <= 2048 else 8)
+                           num_warps=4 if block_s * block_h <= 2048 else 8,
+                           # No fused multiply-add: with it the rounding's `v - floor(v)` used the
+                           # unrounded product x * (127 / c), and codes within an ulp of .5 went the
+                           # other way than torch.round of the rounded product (seen on one H200).
+                           enable_fp_fusion=False)
 
 
 def _launch_gemm(config, q, w, cx, cw, x, fp16c, ws, bias, out, d: int, outliers: bool, ieee: bool) -> None:
