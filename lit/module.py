@@ -10,6 +10,8 @@ only the dense part of a DLRM whose embeddings update inside the backward pass).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -21,6 +23,19 @@ from typing_extensions import override
 
 from lit.checkpoints import CLASS_KEY, class_path
 from lit.schedulers import plans_run_length
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode and without autograd for the block, its training mode restored after
+    (evaluations that run between training steps, e.g. at sample counts or on a clock)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:

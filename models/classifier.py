@@ -28,7 +28,7 @@ from torch.utils.flop_counter import flop_registry
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lit.module import LitModule, default_optimizer
+from lit.module import LitModule, default_optimizer, eval_mode
 
 # The model summary counts FLOPs with torch's FlopCounterMode, which knows the CUDA attention
 # kernels but not the CPU one: without this, a summary on the CPU leaves attention out.
@@ -123,7 +123,6 @@ class ClassifierModule(LitModule):
         metric(logits, labels)
         return F.cross_entropy(logits, labels)
 
-    @torch.no_grad()
     def held_out_accuracy(self, batches: Iterable, move: Callable[[object], object],
                           context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                           ) -> float:
@@ -132,15 +131,10 @@ class ClassifierModule(LitModule):
         ``move`` (e.g. the strategy's ``batch_to_device``) and scored by :meth:`score_batch`
         inside ``context()`` (the Trainer's precision context); training mode comes back after."""
         metric = self.accuracy_metric().to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            with context():
-                for batch in batches:
-                    inputs, labels = self.split_batch(move(batch))
-                    self.score_batch(inputs, labels, metric)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), context():
+            for batch in batches:
+                inputs, labels = self.split_batch(move(batch))
+                self.score_batch(inputs, labels, metric)
         return float(metric.compute())
 
     def evaluate(self, batch, stage: str, metric: MulticlassAccuracy) -> None:

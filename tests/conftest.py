@@ -38,6 +38,25 @@ def run_lit(args: list[str], cwd: Path = ROOT, timeout: int = 240,
     return proc
 
 
+# What a DDP Trainer in the test process exports (Lightning's launcher and cluster environment,
+# seed_everything). Left behind, LOCAL_RANK makes a later `python -m lit` subprocess with several
+# devices believe its processes were started externally: rank 0 waits for a rank that never starts.
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE",
+              "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launch_env():
+    """Restore the launch variables after every test (see ``LAUNCH_ENV``)."""
+    saved = {key: os.environ.get(key) for key in LAUNCH_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """LightningCLI warns when both sys.argv (pytest's) and ``args`` are given."""

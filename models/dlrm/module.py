@@ -32,7 +32,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
 from datamodules.ctr.batch import CTRSchema, PackedBatch, make_batch
-from lit.module import LitModule
+from lit.module import LitModule, eval_mode
 from models.dlrm.metrics import CTRMetrics
 from models.dlrm.network import build_dlrm, fold_ids
 from models.dlrm.sharded import (EmbeddingOptimizerName, ShardingTypeName, copy_plain_into,
@@ -368,7 +368,6 @@ class DLRMModule(LitModule):
         :class:`callbacks.EvalAtSamples` (one code path for every held-out number)."""
         metrics.update(self(batch), batch.labels)
 
-    @torch.no_grad()
     def held_out_metrics(self, batches: Iterable,
                          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                          ) -> dict[str, float]:
@@ -378,14 +377,9 @@ class DLRMModule(LitModule):
         on-device batches) and scored by :meth:`score_batch` inside ``context()`` (the
         Trainer's precision context); the metrics are reduced across ranks once, at the end."""
         metrics = self.ctr_metrics().to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            with context():
-                for batch in batches:
-                    self.score_batch(self.transfer_batch_to_device(batch, self.device, 0), metrics)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), context():
+            for batch in batches:
+                self.score_batch(self.transfer_batch_to_device(batch, self.device, 0), metrics)
         return {k: float(v) for k, v in metrics.compute().items()}
 
     @override
