@@ -16,7 +16,7 @@ exponent), so "out of steam" rests on it: **yes** when the whole interval lies b
 Bootstrap samples (residual bootstrap, percentile intervals; ``bootstrap`` > 0) are kept only for
 :mod:`lit.scaling.allocate`, which adds two laws' predictions; on held-out power laws with 10
 points and 0.4% noise their 95% intervals covered the truth 85-92% of the time
-(benchmarks/RESULTS.md).
+(docs/scaling.md, "Interval coverage on known laws").
 """
 
 from __future__ import annotations
