@@ -53,8 +53,8 @@ from torch import nn
 from typing_extensions import override
 
 from models.classifier import ClassifierModule, shared_copy
-from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner, cap_buckets,
-                                     check_buckets, hf_forward)
+from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner, check_buckets,
+                                     logits_runner)
 from models.int8 import (DEFAULT_INCLUDE, OUTLIER_MODES, Int8Report, OutlierCounter, check_threshold,
                          quantize_model, weight_bytes)
 
@@ -160,10 +160,7 @@ class Int8Eval(Callback):
         self._bytes = (own, own - weight_bytes(pl_module.net) + weight_bytes(self._net))
         forward = functools.partial(pl_module.net_logits, self._net)
         if pl_module.device.type == "cuda" and self.cuda_graphs is not False:
-            config = self._net.config
-            self.runner = BucketedRunner(hf_forward(self._net), cap_buckets(self.seq_buckets, config.max_position_embeddings),
-                                         self.batch_buckets, getattr(config, "pad_token_id", 0) or 0, self.cuda_graphs)
-            forward = self.runner
+            self.runner = forward = logits_runner(self._net, self.seq_buckets, self.batch_buckets, self.cuda_graphs)
         pl_module.add_eval_variant(self.prefix, forward)
 
     @override

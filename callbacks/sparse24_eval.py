@@ -48,8 +48,8 @@ from models.bucketed_runner import BACKENDS
 from models.classifier import ClassifierModule, shared_copy
 from models.int8 import DEFAULT_INCLUDE
 from models.sparse_inference import (DEFAULT_BATCH_BUCKETS, DEFAULT_SEQ_BUCKETS, BucketedRunner,
-                                     Sparse24Plan, bucket_for, bucket_ms, cap_buckets, check_buckets, hf_forward,
-                                     keep_if_faster, prepare_sparse24, timed_forward)
+                                     Sparse24Plan, bucket_for, bucket_ms, cap_buckets, check_buckets, keep_if_faster,
+                                     logits_runner, prepare_sparse24, timed_forward)
 
 DENSE = "test_dense"
 
@@ -160,9 +160,7 @@ class Sparse24Eval(Callback):
                              f"--trainer.precision bf16-true (or 16-true)")
 
     def _runner(self, net: nn.Module) -> BucketedRunner:
-        pad = getattr(net.config, "pad_token_id", 0) or 0
-        seq_buckets = cap_buckets(self.seq_buckets, net.config.max_position_embeddings)
-        return BucketedRunner(hf_forward(net), seq_buckets, self.batch_buckets, pad, self.cuda_graphs)
+        return logits_runner(net, self.seq_buckets, self.batch_buckets, self.cuda_graphs)
 
     def timing_shape(self, max_positions: int | None = None) -> tuple[int, int]:
         """``(batch, seq)`` bucket of the whole-model check: 128-token rows (or the nearest seq

@@ -346,6 +346,17 @@ class BucketedRunner:
         return graph, static_ids, static_mask, out
 
 
+def logits_runner(net: nn.Module, seq_buckets: Iterable[int] = DEFAULT_SEQ_BUCKETS,
+                  batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS,
+                  cuda_graphs: bool | Literal["auto", "hand", "compile", "eager"] = True) -> BucketedRunner:
+    """A :class:`BucketedRunner` of a transformers classifier's logits (:func:`hf_forward`), its
+    sequence buckets capped at the model's ``max_position_embeddings`` and padded with its pad
+    token: the runner of :class:`callbacks.Int8Eval` and :class:`callbacks.Sparse24Eval`."""
+    config = net.config
+    return BucketedRunner(hf_forward(net), cap_buckets(seq_buckets, config.max_position_embeddings),
+                          batch_buckets, getattr(config, "pad_token_id", 0) or 0, cuda_graphs)
+
+
 def bucket_ms(runner: BucketedRunner, batch: int, seq: int, vocab_size: int, device: torch.device | str,
               iters: int = 10) -> float:
     """Median milliseconds of ``runner`` on a random unpadded ``(batch, seq)`` batch (graphs made first)."""

@@ -19,7 +19,8 @@ This module re-exports their public names (the import path of callbacks and benc
 
 from models.bucketed_runner import (DEFAULT_BATCH_BUCKETS, DEFAULT_GRAPHS, DEFAULT_SEQ_BUCKETS, BucketedRunner,
                                     bucket_for, bucket_ms, cap_buckets, check_buckets, compile_bucket, graphed_ms,
-                                    hf_forward, pad_to_bucket, timed_forward, warm_up_for_capture)
+                                    hf_forward, logits_runner, pad_to_bucket, timed_forward,
+                                    warm_up_for_capture)
 from models.private_hooks import DEFAULT_CONFIG, additive_mask, no_mask_while_capturing
 from models.sparse24_export import (FallbackChoice, LayerTiming, Sparse24Plan, choose_sparse_layers,
                                     direct_matches_torch, install_direct_forward, keep_if_faster,
@@ -31,4 +32,4 @@ __all__ = ["DEFAULT_SEQ_BUCKETS", "DEFAULT_BATCH_BUCKETS", "DEFAULT_GRAPHS", "DE
            "graphed_ms", "sparse24_linear", "install_direct_forward", "direct_matches_torch", "search_alg_id",
            "linear_timing_table", "Sparse24Plan", "prepare_sparse24", "restore_weights", "keep_if_faster",
            "bucket_ms", "additive_mask", "no_mask_while_capturing", "hf_forward", "compile_bucket",
-           "BucketedRunner", "timed_forward", "warm_up_for_capture"]
+           "BucketedRunner", "logits_runner", "timed_forward", "warm_up_for_capture"]
